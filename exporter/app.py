@@ -1,0 +1,28 @@
+"""Assembling the exporter: which collectors run, in which registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+
+from exporter.collectors import BuildInfo, StoresCollector
+from exporter.config import Config
+from exporter.framework import Collector, Exporter, RegistryAdapter
+
+
+def collectors(config: Config) -> list[Collector]:
+    """In dependency order: a later collector may use an earlier one's result."""
+    return [StoresCollector(config)]
+
+
+def build(config: Config, process_metrics: bool = True) -> tuple[Exporter, CollectorRegistry]:
+    """Our own registry, never the global one. process_metrics is off for one-shot text files, where the
+    exporter's own process says nothing about the host."""
+    exporter = Exporter(collectors(config))
+    registry = CollectorRegistry()
+    registry.register(RegistryAdapter(exporter))
+    registry.register(BuildInfo())
+    if process_metrics:
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+    return exporter, registry

@@ -1,0 +1,122 @@
+"""Command line: `serve` (the default), `check` and `textfile`.
+
+Exit codes: 0 fine, 1 `check` found a problem (or a run-time failure), 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from exporter import __version__, app, logs
+from exporter.check import report
+from exporter.config import Config, ConfigError, load_config
+from exporter.textfile import write_atomically
+from exporter.web import DEFAULT_LISTEN_ADDRESS, ListenAddressError, WebServer
+
+log = logging.getLogger("exporter")
+
+EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse exits 2 too; this keeps the message on one line
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config.file", dest="config_file", metavar="PATH",
+        help="YAML configuration file (default: both sops-nix stores at their standard paths)",
+    )  # fmt: skip
+    parser.add_argument("--log.level", dest="log_level", choices=sorted(logs.LEVELS), default="info")
+    parser.add_argument("--log.format", dest="log_format", choices=logs.FORMATS, default="logfmt")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = _Parser(
+        prog="sops-nix-exporter",
+        description="Prometheus exporter for sops-nix secrets generations and the VM shares that serve them.",
+    )
+    top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = top.add_subparsers(dest="command", parser_class=_Parser)
+
+    serve = sub.add_parser("serve", help="serve /metrics over HTTP (the default command)")
+    _common(serve)
+    serve.add_argument(
+        "--web.listen-address", dest="listen_address", default=DEFAULT_LISTEN_ADDRESS, metavar="HOST:PORT",
+        help=f"address to listen on (default {DEFAULT_LISTEN_ADDRESS})",
+    )  # fmt: skip
+
+    check = sub.add_parser("check", help="scan once and report in words; exit 1 if something needs doing")
+    _common(check)
+
+    textfile = sub.add_parser("textfile", help="scan once and write the metrics for node_exporter's textfile collector")
+    _common(textfile)
+    textfile.add_argument("--output", required=True, metavar="PATH", help="file to write, e.g. .../sops-nix.prom")
+    return top
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    commands = {"serve", "check", "textfile"}
+    wants_top_level = any(a in ("-h", "--help", "--version") for a in argv[:1])
+    if not wants_top_level and not any(a in commands for a in argv[:1]):
+        argv = ["serve", *argv]
+    return parser().parse_args(argv)
+
+
+def _load(args: argparse.Namespace) -> Config:
+    try:
+        return load_config(args.config_file)
+    except ConfigError as exc:
+        sys.stderr.write(f"sops-nix-exporter: configuration error: {exc}\n")
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def _serve(args: argparse.Namespace, config: Config) -> int:
+    _, registry = app.build(config)
+    try:
+        server = WebServer(args.listen_address, registry)
+    except ListenAddressError as exc:
+        sys.stderr.write(f"sops-nix-exporter: {exc}\n")
+        return EXIT_USAGE
+    except OSError as exc:
+        sys.stderr.write(f"sops-nix-exporter: cannot listen on {args.listen_address}: {exc.strerror}\n")
+        return EXIT_PROBLEM
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    log.info(
+        "listening",
+        extra={"kv": {"address": args.listen_address, "port": server.port, "version": __version__,
+                      "stores": ",".join(s.mountpoint for s in config.stores)}},
+    )  # fmt: skip
+    server.start_in_thread()
+    stop.wait()
+    log.info("shutting down")
+    server.shutdown()
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logs.setup(args.log_level, args.log_format)
+    config = _load(args)
+    if args.command == "serve":
+        return _serve(args, config)
+    exporter, registry = app.build(config, process_metrics=False)
+    if args.command == "check":
+        text, code = report(exporter.collect())
+        sys.stdout.write(text)
+        return code
+    try:
+        write_atomically(args.output, registry)
+    except OSError as exc:
+        sys.stderr.write(f"sops-nix-exporter: cannot write {args.output}: {exc.strerror}\n")
+        return EXIT_PROBLEM
+    return EXIT_OK

@@ -1,0 +1,208 @@
+"""The frame every collector runs in, in the manner of node_exporter.
+
+A collector reads the system in scan() and returns plain typed values; families() turns those values into
+metric families without any I/O. The frame times each collector, turns an exception into
+sopsnix_scrape_collector_success{collector} = 0 with the reason logged (once), and leaves every other
+collector's output intact. Concurrent scrapes share one collection in flight instead of each starting
+their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import traceback
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector as RegistryCollector
+
+log = logging.getLogger("exporter")
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric a collector publishes: the single source of its name, help text and labels."""
+
+    name: str
+    documentation: str
+    labels: tuple[str, ...] = ()
+
+    def family(self, samples: Iterable[tuple[tuple[str, ...], float]] = ()) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(self.name, self.documentation, labels=list(self.labels))
+        for label_values, value in samples:
+            family.add_metric(list(label_values), value)
+        return family
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something an operator should know, with what to do about it. Never carries a secret's name."""
+
+    key: str  # stable identity, so the same problem is logged once, not on every scrape
+    message: str
+    hint: str = ""
+    severity: str = "warning"  # critical, warning (both make `check` exit 1) or info
+
+
+class Collector:
+    """One concern. Subclasses set name and metrics, and implement scan() and families()."""
+
+    name: ClassVar[str]
+    metrics: ClassVar[tuple[MetricSpec, ...]]
+
+    def scan(self, snapshot: Snapshot) -> Any:
+        raise NotImplementedError
+
+    def families(self, result: Any) -> Iterator[Metric]:
+        raise NotImplementedError
+
+    def problems(self, result: Any) -> Iterable[Problem]:
+        return ()
+
+
+@dataclass
+class CollectorRun:
+    name: str
+    success: bool
+    duration_seconds: float
+    result: Any = None
+    error: str | None = None
+    families: list[Metric] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+
+@dataclass
+class Snapshot:
+    """One collection: every collector's typed result, in order, so later collectors can use earlier ones."""
+
+    runs: dict[str, CollectorRun] = field(default_factory=dict)
+
+    def result(self, collector_name: str) -> Any:
+        """The result of an earlier collector; raises if it failed, so the dependent collector fails too."""
+        run = self.runs.get(collector_name)
+        if run is None or not run.success:
+            raise RuntimeError(f"needs the {collector_name} collector, which failed")
+        return run.result
+
+
+SCRAPE_SUCCESS = MetricSpec(
+    "sopsnix_scrape_collector_success",
+    "1 if the collector's last scan succeeded, 0 if it failed (see the exporter's log for why).",
+    ("collector",),
+)
+SCRAPE_DURATION = MetricSpec(
+    "sopsnix_scrape_collector_duration_seconds",
+    "How long the collector's last scan took.",
+    ("collector",),
+)
+
+
+def describe_exception(exc: BaseException) -> str:
+    """What failed and where, without the exception's text: an OSError's text carries the path, and a
+    path below a generation is a secret's name."""
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {exc.strerror or 'error'}"
+    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    where = f" at {os.path.basename(frame.filename)}:{frame.lineno}" if frame else ""
+    return f"{type(exc).__name__}{where}"
+
+
+class ProblemLog:
+    """Logs each problem when it appears and once more when it clears, never on every scrape."""
+
+    def __init__(self) -> None:
+        self._active: dict[str, Problem] = {}
+        self._lock = threading.Lock()
+
+    def update(self, scope: str, problems: Iterable[Problem]) -> None:
+        current = {f"{scope}:{p.key}": p for p in problems}
+        with self._lock:
+            for key, problem in current.items():
+                if key not in self._active:
+                    level = logging.INFO if problem.severity == "info" else logging.WARNING
+                    log.log(level, problem.message, extra={"kv": {"hint": problem.hint} if problem.hint else {}})
+            for key, problem in self._active.items():
+                if key.startswith(scope + ":") and key not in current:
+                    log.info("resolved: " + problem.message)
+            self._active = {k: v for k, v in self._active.items() if not k.startswith(scope + ":")}
+            self._active.update(current)
+
+
+class Exporter:
+    def __init__(self, collectors: list[Collector]) -> None:
+        self.collectors = collectors
+        self.problem_log = ProblemLog()
+        self._lock = threading.Lock()
+        self._in_flight: Future[Snapshot] | None = None
+
+    def _collect_now(self) -> Snapshot:
+        snapshot = Snapshot()
+        for collector in self.collectors:
+            start = time.perf_counter()
+            run = CollectorRun(name=collector.name, success=False, duration_seconds=0.0)
+            try:
+                run.result = collector.scan(snapshot)
+                run.families = list(collector.families(run.result))
+                run.problems = list(collector.problems(run.result))
+                run.success = True
+            except Exception as exc:  # a broken collector must never empty the whole scrape
+                run.error = describe_exception(exc)
+                run.families = []
+                run.problems = [Problem("failed", f"collector {collector.name} failed: {run.error}", severity="critical")]
+                log.debug("collector failed", exc_info=True, extra={"kv": {"collector": collector.name}})
+            run.duration_seconds = time.perf_counter() - start
+            self.problem_log.update(collector.name, run.problems)
+            snapshot.runs[collector.name] = run
+        return snapshot
+
+    def collect(self) -> Snapshot:
+        """A fresh snapshot; callers that arrive while one is being taken share it."""
+        with self._lock:
+            future = self._in_flight
+            leader = future is None
+            if leader:
+                future = self._in_flight = Future()
+        assert future is not None
+        if leader:
+            try:
+                future.set_result(self._collect_now())
+            except BaseException as exc:
+                future.set_exception(exc)
+            finally:
+                with self._lock:
+                    self._in_flight = None
+        return future.result()
+
+
+def health_families(snapshot: Snapshot) -> list[Metric]:
+    runs = list(snapshot.runs.values())
+    return [
+        SCRAPE_SUCCESS.family(((run.name,), 1.0 if run.success else 0.0) for run in runs),
+        SCRAPE_DURATION.family(((run.name,), run.duration_seconds) for run in runs),
+    ]
+
+
+class RegistryAdapter(RegistryCollector):
+    """Presents an Exporter to a prometheus_client CollectorRegistry."""
+
+    def __init__(self, exporter: Exporter) -> None:
+        self.exporter = exporter
+
+    def describe(self) -> Iterator[Metric]:
+        for collector in self.exporter.collectors:
+            for spec in collector.metrics:
+                yield spec.family()
+        yield SCRAPE_SUCCESS.family()
+        yield SCRAPE_DURATION.family()
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self.exporter.collect()
+        for run in snapshot.runs.values():
+            yield from run.families
+        yield from health_families(snapshot)

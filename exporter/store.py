@@ -1,0 +1,254 @@
+"""Reading a sops-nix secrets store: its generations, what they cost in memory, and where the symlink points.
+
+A store is a mount point (ramfs or noswap tmpfs) holding one directory per generation, named by a decimal
+number, plus a symlink elsewhere that points at the current one. This module only lists directories and
+calls lstat/stat/readlink: it never opens a file, and no file name below a generation ever leaves it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass, field
+from enum import Enum
+
+from exporter import mountinfo
+from exporter.config import StoreConfig
+
+
+class SymlinkState(str, Enum):
+    OK = "ok"  # resolves to a generation directory of this store
+    MISSING = "missing"  # no symlink at all
+    DANGLING = "dangling"  # points at something that does not exist (or a loop)
+    OUTSIDE = "outside"  # resolves, but not to a generation of this store
+    UNREADABLE = "unreadable"  # permission denied on the way
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What one generation costs: regular files below it, nested directories included."""
+
+    files: int = 0
+    bytes: int = 0  # st_blocks * 512: the memory the files hold
+    apparent_bytes: int = 0  # st_size
+    complete: bool = True  # False when part of the tree could not be listed
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.files + other.files,
+            self.bytes + other.bytes,
+            self.apparent_bytes + other.apparent_bytes,
+            self.complete and other.complete,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    number: int
+    device: int
+    inode: int
+    usage: Usage
+
+
+@dataclass(slots=True)
+class StoreScan:
+    mountpoint: str
+    symlink: str
+    up: bool
+    keep_generations: int | None
+    memory_budget_bytes: int
+    down_reason: str | None = None  # "missing", "not_a_directory", "permission_denied", "error"
+    generations: list[Generation] = field(default_factory=list)  # sorted by number
+    symlink_state: SymlinkState = SymlinkState.MISSING
+    current: Generation | None = None
+    last_switch_timestamp: float | None = None
+    mounts: int = 0
+    fstype: str | None = None
+    device: int | None = None  # st_dev of the mount point, for matching what processes pin
+    # Parts of the scan that failed, by reason (permission_denied, vanished, error): reported, never raised.
+    scan_errors: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> Usage:
+        total = Usage()
+        for generation in self.generations:
+            total = total + generation.usage
+        return total
+
+    @property
+    def oldest(self) -> Generation | None:
+        return self.generations[0] if self.generations else None
+
+    @property
+    def pending(self) -> list[Generation]:
+        """Generations above the current one: written by an activation that never linked them."""
+        if self.current is None:
+            return []
+        return [g for g in self.generations if g.number > self.current.number]
+
+    def by_number(self, number: int) -> Generation | None:
+        for generation in self.generations:
+            if generation.number == number:
+                return generation
+        return None
+
+    def note_error(self, reason: str) -> None:
+        self.scan_errors[reason] = self.scan_errors.get(reason, 0) + 1
+
+
+def error_reason(exc: OSError) -> str:
+    if isinstance(exc, PermissionError):
+        return "permission_denied"
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE):
+        return "vanished"
+    return "error"
+
+
+def generation_number(name: str) -> int | None:
+    """A generation is named by a decimal number as sops-nix writes it: no sign, no leading zero."""
+    if name.isascii() and name.isdigit() and (name == "0" or not name.startswith("0")):
+        return int(name)
+    return None
+
+
+class GenerationVanished(Exception):
+    """The generation directory was removed while it was being measured (a prune during the scan)."""
+
+
+def measure(path: str, device: int, errors: dict[str, int]) -> Usage:
+    """Sum the regular files below path, never following symlinks nor leaving the filesystem.
+
+    Raises GenerationVanished when path itself disappears; everything else becomes an incomplete Usage
+    with the reason counted in errors.
+    """
+    files = blocks = size = 0
+    complete = True
+    pending = [path]
+    while pending:
+        directory = pending.pop()
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            if entry.stat(follow_symlinks=False).st_dev == device:
+                                pending.append(entry.path)
+                        elif entry.is_file(follow_symlinks=False):
+                            st = entry.stat(follow_symlinks=False)
+                            files += 1
+                            blocks += st.st_blocks
+                            size += st.st_size
+                    except OSError as exc:
+                        # The entry went away between the listing and the stat: it no longer costs memory.
+                        reason = error_reason(exc)
+                        if reason != "vanished":
+                            errors[reason] = errors.get(reason, 0) + 1
+                            complete = False
+        except OSError as exc:
+            if directory == path and not os.path.lexists(path):
+                raise GenerationVanished(path) from None
+            reason = error_reason(exc)
+            if reason != "vanished":
+                errors[reason] = errors.get(reason, 0) + 1
+                complete = False
+    return Usage(files=files, bytes=blocks * 512, apparent_bytes=size, complete=complete)
+
+
+def _resolve_symlink(scan: StoreScan) -> None:
+    try:
+        link = os.lstat(scan.symlink)
+    except FileNotFoundError:
+        scan.symlink_state = SymlinkState.MISSING
+        return
+    except OSError as exc:
+        scan.symlink_state = SymlinkState.UNREADABLE if isinstance(exc, PermissionError) else SymlinkState.MISSING
+        return
+    scan.last_switch_timestamp = link.st_mtime
+    try:
+        target = os.stat(scan.symlink)
+    except PermissionError:
+        scan.symlink_state = SymlinkState.UNREADABLE
+        return
+    except OSError:
+        scan.symlink_state = SymlinkState.DANGLING  # ENOENT, ELOOP, ENOTDIR
+        return
+    for generation in scan.generations:
+        if (generation.device, generation.inode) == (target.st_dev, target.st_ino):
+            scan.current = generation
+            scan.symlink_state = SymlinkState.OK
+            return
+    scan.symlink_state = SymlinkState.OUTSIDE
+
+
+class Measurer:
+    """Measures one generation; issue #7 replaces this with a cache keyed by directory identity."""
+
+    def usage(self, path: str, device: int, errors: dict[str, int]) -> Usage:
+        return measure(path, device, errors)
+
+    def forget_except(self, live: set[tuple[int, int]]) -> None:
+        """Drop whatever is known about generations that no longer exist."""
+
+
+def scan_store(
+    config: StoreConfig,
+    budget_bytes: int,
+    mounts: list[mountinfo.Mount],
+    measurer: Measurer | None = None,
+) -> StoreScan:
+    measurer = measurer or Measurer()
+    scan = StoreScan(
+        mountpoint=config.mountpoint,
+        symlink=config.symlink,
+        up=False,
+        keep_generations=config.keep_generations,
+        memory_budget_bytes=budget_bytes,
+    )
+    real_mountpoint = os.path.realpath(config.mountpoint)
+    stacked = mountinfo.mounts_at(mounts, real_mountpoint)
+    scan.mounts = len(stacked)
+    holder = stacked[-1] if stacked else mountinfo.containing(mounts, real_mountpoint)
+    scan.fstype = holder.fstype if holder else None
+
+    try:
+        top = os.stat(config.mountpoint)
+        if not stat.S_ISDIR(top.st_mode):
+            scan.down_reason = "not_a_directory"
+            _resolve_symlink(scan)
+            return scan
+        scan.device = top.st_dev
+        candidates = []
+        with os.scandir(config.mountpoint) as entries:
+            for entry in entries:
+                number = generation_number(entry.name)
+                if number is None:
+                    continue  # age-keys.txt, gpg-home, anything not a generation
+                try:
+                    if not entry.is_dir(follow_symlinks=False):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                except OSError as exc:
+                    scan.note_error(error_reason(exc))
+                    continue
+                candidates.append((number, entry.path, st))
+    except FileNotFoundError:
+        scan.down_reason = "missing"
+        _resolve_symlink(scan)
+        return scan
+    except OSError as exc:
+        scan.down_reason = error_reason(exc)
+        _resolve_symlink(scan)
+        return scan
+    scan.up = True
+
+    for number, path, st in sorted(candidates, key=lambda c: c[0]):
+        try:
+            usage = measurer.usage(path, st.st_dev, scan.scan_errors)
+        except GenerationVanished:
+            scan.note_error("vanished")
+            continue
+        scan.generations.append(Generation(number=number, device=st.st_dev, inode=st.st_ino, usage=usage))
+    measurer.forget_except({(g.device, g.inode) for g in scan.generations})
+    _resolve_symlink(scan)
+    return scan
