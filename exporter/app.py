@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
-from exporter.collectors import BuildInfo, StoresCollector
+from exporter.collectors import BuildInfo, SharesCollector, StoresCollector
 from exporter.config import Config
 from exporter.framework import Collector, Exporter, RegistryAdapter
 
 
 def collectors(config: Config) -> list[Collector]:
     """In dependency order: a later collector may use an earlier one's result."""
-    return [StoresCollector(config)]
+    return [StoresCollector(config), SharesCollector(config)]
 
 
 def build(config: Config, process_metrics: bool = True) -> tuple[Exporter, CollectorRegistry]:

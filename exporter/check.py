@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+from exporter.collectors import share_summary
 from exporter.framework import Snapshot
 from exporter.store import StoreScan
 
@@ -39,7 +40,8 @@ def store_summary(store: StoreScan) -> str:
 
 # Summaries by collector; a collector without one is reported by its findings alone.
 SUMMARIES: dict[str, Callable[[object], Iterator[str]]] = {
-    "stores": lambda result: (store_summary(s) for s in result.stores)  # type: ignore[attr-defined]
+    "stores": lambda result: (store_summary(s) for s in result.stores),  # type: ignore[attr-defined]
+    "shares": lambda result: (share_summary(s) for s in result[1].shares),  # type: ignore[index]
 }
 
 

@@ -12,6 +12,7 @@ from prometheus_client.core import Metric
 from exporter import __version__, mountinfo
 from exporter.config import Config
 from exporter.framework import Collector, MetricSpec, Problem, Snapshot
+from exporter.shares import Share, SharesResult, pinned_generations, recommended_keep_generations, scan_shares
 from exporter.store import Measurer, StoreScan, SymlinkState, scan_store
 
 MP = ("mountpoint",)
@@ -245,3 +246,167 @@ class BuildInfo:
 
     def collect(self) -> Iterator[Metric]:
         yield BUILD_INFO.family([((__version__, platform.python_version()), 1.0)])
+
+
+SHARE = ("vm", "share", "mountpoint")
+
+VM_SHARE_INFO = MetricSpec(
+    "sopsnix_vm_share_info",
+    "1 for every VM share of a secrets store, with its source path and virtiofsd sandbox mode.",
+    ("vm", "share", "mountpoint", "source", "sandbox"),
+)
+VM_SHARE_UP = MetricSpec(
+    "sopsnix_vm_share_up", "1 if a virtiofsd serves the share, 0 if it is declared but nothing serves it.", SHARE
+)
+VM_SERVING_GENERATION = MetricSpec(
+    "sopsnix_vm_serving_generation", "The generation number the share serves to its VM.", SHARE
+)
+VM_SERVING_STALE = MetricSpec(
+    "sopsnix_vm_serving_stale_generation", "1 if the share serves a generation other than the current one.", SHARE
+)
+VM_SERVING_DELETED = MetricSpec(
+    "sopsnix_vm_serving_deleted_generation",
+    "1 if the generation the share serves has been deleted: the guest sees an empty directory.",
+    SHARE,
+)
+VM_GENERATIONS_BEHIND = MetricSpec(
+    "sopsnix_vm_generations_behind", "Current generation minus the generation the share serves.", SHARE
+)
+VM_PRUNED_ON_NEXT_SWITCH = MetricSpec(
+    "sopsnix_vm_share_pruned_on_next_switch",
+    "1 if the store's keep_generations is set and the next activation will delete the served generation.",
+    SHARE,
+)
+VM_SHARE_DETECTION = MetricSpec(
+    "sopsnix_vm_share_detection",
+    "1, with how the served generation was found: root, mountinfo, fd, unpinned (virtiofsd holds nothing "
+    "yet), denied (needs CAP_SYS_PTRACE) or down.",
+    ("vm", "share", "mountpoint", "method"),
+)
+PINNED_GENERATIONS = MetricSpec(
+    "sopsnix_pinned_generations", "Distinct generations of the store that some running share serves.", MP
+)
+RECOMMENDED_KEEP = MetricSpec(
+    "sopsnix_recommended_keep_generations",
+    "The smallest keepGenerations under which the next switch deletes no generation a running share serves.",
+    MP,
+)
+CAPABILITY = MetricSpec(
+    "sopsnix_exporter_capability",
+    "1 if the exporter holds the capability it needs to see every share (CAP_SYS_PTRACE: other processes' "
+    "root and descriptors; CAP_DAC_READ_SEARCH: closed directories), else 0.",
+    ("capability",),
+)
+
+
+class SharesCollector(Collector):
+    """The VM shares of the stores and the generation each one serves.
+
+        sopsnix_vm_share_info{mountpoint="/run/secrets.d",sandbox="namespace",share="secrets",source="/run/secrets",vm="web"} 1.0
+        sopsnix_vm_share_up{mountpoint="/run/secrets.d",share="secrets",vm="web"} 1.0
+        sopsnix_vm_serving_generation{mountpoint="/run/secrets.d",share="secrets",vm="web"} 4.0
+        sopsnix_vm_serving_stale_generation{mountpoint="/run/secrets.d",share="secrets",vm="web"} 1.0
+        sopsnix_vm_serving_deleted_generation{mountpoint="/run/secrets.d",share="secrets",vm="web"} 0.0
+        sopsnix_vm_generations_behind{mountpoint="/run/secrets.d",share="secrets",vm="web"} 1.0
+        sopsnix_recommended_keep_generations{mountpoint="/run/secrets.d"} 3.0
+    """
+
+    name = "shares"
+    metrics = (
+        VM_SHARE_INFO, VM_SHARE_UP, VM_SERVING_GENERATION, VM_SERVING_STALE, VM_SERVING_DELETED,
+        VM_GENERATIONS_BEHIND, VM_PRUNED_ON_NEXT_SWITCH, VM_SHARE_DETECTION, PINNED_GENERATIONS, RECOMMENDED_KEEP,
+        CAPABILITY,
+    )  # fmt: skip
+
+    def __init__(self, config: Config, proc: str = "/proc") -> None:
+        self.config = config
+        self.proc = proc
+
+    def scan(self, snapshot: Snapshot) -> tuple[StoresResult, SharesResult]:
+        stores: StoresResult = snapshot.result(StoresCollector.name)
+        up = [s for s in stores.stores if s.up]
+        return stores, scan_shares(up, self.config.microvm.state_dir, self.proc)
+
+    def families(self, result: tuple[StoresResult, SharesResult]) -> Iterator[Metric]:
+        stores, found = result
+        shares = found.shares
+        known = [s for s in shares if s.known]
+
+        def each(selected, value):
+            return [((s.vm, s.share, s.mountpoint), float(value(s))) for s in selected]
+
+        yield VM_SHARE_INFO.family(((s.vm, s.share, s.mountpoint, s.source, s.sandbox), 1.0) for s in shares)
+        yield VM_SHARE_UP.family(each(shares, lambda s: s.up))
+        yield VM_SERVING_GENERATION.family(each([s for s in shares if s.served_generation is not None],
+                                                lambda s: s.served_generation))  # fmt: skip
+        yield VM_SERVING_STALE.family(each(known, lambda s: s.stale))
+        yield VM_SERVING_DELETED.family(each(known, lambda s: s.deleted))
+        yield VM_GENERATIONS_BEHIND.family(each([s for s in shares if s.generations_behind is not None],
+                                                lambda s: s.generations_behind))  # fmt: skip
+        yield VM_PRUNED_ON_NEXT_SWITCH.family(each([s for s in shares if s.pruned_on_next_switch is not None],
+                                                   lambda s: s.pruned_on_next_switch))  # fmt: skip
+        yield VM_SHARE_DETECTION.family(((s.vm, s.share, s.mountpoint, s.method), 1.0) for s in shares)
+        up_stores = [s for s in stores.stores if s.up]
+        yield PINNED_GENERATIONS.family(
+            ((s.mountpoint,), float(len(pinned_generations(found.for_store(s.mountpoint))))) for s in up_stores
+        )
+        recommended = [(s, recommended_keep_generations(s, found.for_store(s.mountpoint))) for s in up_stores]
+        yield RECOMMENDED_KEEP.family(((s.mountpoint,), float(r)) for s, r in recommended if r is not None)
+        yield CAPABILITY.family(((name,), float(held)) for name, held in sorted(found.capabilities.items()))
+
+    def problems(self, result: tuple[StoresResult, SharesResult]) -> Iterator[Problem]:
+        stores, found = result
+        for share in found.shares:
+            yield from share_problems(share, stores.store(share.mountpoint))
+        if found.unreadable_processes and not found.capabilities.get("CAP_SYS_PTRACE"):
+            yield Problem(
+                "ptrace",
+                f"{found.unreadable_processes} virtiofsd process(es) could not be inspected: reading another "
+                "process's root and descriptors needs CAP_SYS_PTRACE",
+                "grant the exporter CAP_SYS_PTRACE (AmbientCapabilities=CAP_SYS_PTRACE)",
+            )
+
+
+def share_problems(share: Share, store: StoreScan | None) -> Iterator[Problem]:
+    """The verdict on one share and its fix, shared by the log and `check`."""
+    who = f"VM {share.vm} share {share.share} ({share.mountpoint})"
+    key = f"{share.vm}/{share.share}/{share.mountpoint}"
+    restart = f"restart microvm@{share.vm} (restarts its virtiofsd too) to serve the current generation"
+    if not share.up:
+        yield Problem(f"{key}:down", f"{who}: declared, but no virtiofsd serves it: the VM has no secrets",
+                      f"start microvm-virtiofsd@{share.vm}, or restart microvm@{share.vm}", severity="critical")  # fmt: skip
+        return
+    if share.held is not None and share.held.method == "denied":
+        yield Problem(f"{key}:denied", f"{who}: cannot tell which generation it serves (needs CAP_SYS_PTRACE)",
+                      "grant the exporter CAP_SYS_PTRACE")  # fmt: skip
+        return
+    served = share.served_generation
+    current = share.current_generation
+    if share.deleted:
+        yield Problem(f"{key}:deleted", f"{who}: serves generation {served if served is not None else '?'}, "
+                      "which was deleted: the guest sees an empty directory", restart, severity="critical")  # fmt: skip
+        return
+    if share.pruned_on_next_switch:
+        keep = recommended_keep_generations(store, [share]) if store else None
+        yield Problem(f"{key}:pruned_next", f"{who}: serves generation {served}, which the next switch deletes "
+                      f"(keepGenerations = {share.keep_generations})",
+                      f"set sops.keepGenerations = {keep} (each kept generation costs memory), or restart "
+                      f"microvm@{share.vm} right after each switch, or share the store's mount point instead of "
+                      "the symlink")  # fmt: skip
+    if share.stale:
+        yield Problem(f"{key}:stale", f"{who}: serves generation {served}, current is {current}: "
+                      "the VM does not see rotated secrets", restart)  # fmt: skip
+
+
+def share_summary(share: Share) -> str:
+    who = f"VM {share.vm} share {share.share} ({share.source} in {share.mountpoint})"
+    if not share.up:
+        return f"{who}: DOWN (declared, no virtiofsd)"
+    if share.held is None or share.held.method == "denied":
+        return f"{who}: served generation unknown (needs CAP_SYS_PTRACE)"
+    if share.held.method == "unpinned":
+        return f"{who}: virtiofsd holds nothing yet (its VM has not connected)"
+    if share.held.whole_store:
+        return f"{who}: serves the whole store (every generation): never stale"
+    state = "deleted" if share.deleted else "stale" if share.stale else "current"
+    return f"{who}: serves generation {share.served_generation}, current {share.current_generation}: {state}"

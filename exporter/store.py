@@ -66,6 +66,10 @@ class StoreScan:
     mounts: int = 0
     fstype: str | None = None
     device: int | None = None  # st_dev of the mount point, for matching what processes pin
+    # Every filesystem mounted at the mount point (hidden lower ones too), and the mount point's path inside
+    # its filesystem ("/" for sops-nix's own ramfs): what another process's mount table is compared with.
+    devices: frozenset[int] = frozenset()
+    fs_path: str = "/"
     # Parts of the scan that failed, by reason (permission_denied, vanished, error): reported, never raised.
     scan_errors: dict[str, int] = field(default_factory=dict)
 
@@ -210,6 +214,12 @@ def scan_store(
     scan.mounts = len(stacked)
     holder = stacked[-1] if stacked else mountinfo.containing(mounts, real_mountpoint)
     scan.fstype = holder.fstype if holder else None
+    scan.devices = frozenset(m.device for m in stacked) or frozenset([holder.device] if holder else [])
+    if holder is not None and not stacked:
+        below = real_mountpoint[len(holder.mount_point.rstrip("/")) :]
+        scan.fs_path = os.path.normpath(holder.root.rstrip("/") + "/" + below.lstrip("/"))
+    elif holder is not None:
+        scan.fs_path = holder.root
 
     try:
         top = os.stat(config.mountpoint)
@@ -218,6 +228,7 @@ def scan_store(
             _resolve_symlink(scan)
             return scan
         scan.device = top.st_dev
+        scan.devices = scan.devices | {top.st_dev}
         candidates = []
         with os.scandir(config.mountpoint) as entries:
             for entry in entries:
@@ -234,6 +245,7 @@ def scan_store(
                 candidates.append((number, entry.path, st))
     except FileNotFoundError:
         scan.down_reason = "missing"
+        scan.fstype = None  # no filesystem holds a store that is not there, whatever holds its parent
         _resolve_symlink(scan)
         return scan
     except OSError as exc:

@@ -155,3 +155,24 @@ def exporter_process(scratch):
     yield start
     for exporter in running:
         exporter.stop()
+
+
+@pytest.fixture
+def pinners(require_root, scratch):
+    """start_pinner(...) from tests/pinning.py; every process it started is ended by its PID afterwards."""
+    from pinning import PinnerUnavailable, start_pinner
+
+    started = []
+
+    def start(*args, **kwargs):
+        kwargs.setdefault("workdir", scratch)
+        try:
+            pinner = start_pinner(*args, **kwargs)
+        except PinnerUnavailable as exc:
+            pytest.skip(str(exc))
+        started.append(pinner)
+        return pinner
+
+    yield start
+    for pinner in reversed(started):
+        pinner.stop()

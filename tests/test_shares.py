@@ -1,0 +1,346 @@
+"""Issue 3: which generation every virtiofsd really serves, against real processes pinning a real ramfs store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter import app, processes
+from exporter.check import report
+from exporter.config import parse_config
+from pinning import declare_share, start_pinner
+from sopsnix import SAMPLE_SECRETS, SopsStore
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SANDBOXES = [
+    ("namespace", "rust"),
+    ("namespace", "c"),
+    ("chroot", "rust"),
+    ("chroot", "c"),
+    ("none", "rust"),
+]
+
+
+def scrape(config: dict) -> tuple[str, dict]:
+    _, registry = app.build(parse_config(config), process_metrics=False)
+    text = generate_latest(registry).decode()
+    return text, samples(text)
+
+
+def samples(text: str) -> dict:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def value(found: dict, name: str, **labels) -> float | None:
+    return found.get((name, tuple(sorted(labels.items()))))
+
+
+def share_values(found: dict, vm: str, share: str, mountpoint: str) -> dict[str, float | None]:
+    labels = {"vm": vm, "share": share, "mountpoint": mountpoint}
+    names = {
+        "up": "sopsnix_vm_share_up",
+        "served": "sopsnix_vm_serving_generation",
+        "stale": "sopsnix_vm_serving_stale_generation",
+        "deleted": "sopsnix_vm_serving_deleted_generation",
+        "behind": "sopsnix_vm_generations_behind",
+        "pruned_next": "sopsnix_vm_share_pruned_on_next_switch",
+    }
+    return {key: value(found, name, **labels) for key, name in names.items()}
+
+
+def config_for(store: SopsStore, state_dir: Path, keep: int | None = 1) -> dict:
+    entry = {"mountpoint": str(store.mountpoint), "symlink": str(store.symlink)}
+    if keep is not None:
+        entry["keep_generations"] = keep
+    return {"stores": [entry], "microvm": {"state_dir": str(state_dir)}}
+
+
+@pytest.mark.parametrize("mode,syntax", SANDBOXES, ids=[f"{m}-{s}" for m, s in SANDBOXES])
+def test_switch_and_prune_as_sops_nix_does(make_store, pinners, scratch, promtool_check, mode, syntax):
+    store = make_store("ramfs")
+    state_dir = scratch / "microvms"
+    store.write_generation(1, SAMPLE_SECRETS)
+    store.link(1)
+    config = config_for(store, state_dir, keep=1)
+    mp = str(store.mountpoint)
+    pinners(source=store.symlink, mode=mode, syntax=syntax, vm="web", tag="secrets", state_dir=state_dir)
+
+    text, found = scrape(config)
+    promtool_check(text)
+    assert value(found, "sopsnix_vm_share_info", vm="web", share="secrets", mountpoint=mp,
+                 source=str(store.symlink), sandbox=mode) == 1  # fmt: skip
+    # Serving the current generation: fine now, but with keepGenerations = 1 the next switch deletes it.
+    assert share_values(found, "web", "secrets", mp) == {
+        "up": 1, "served": 1, "stale": 0, "deleted": 0, "behind": 0, "pruned_next": 1
+    }
+    assert value(found, "sopsnix_recommended_keep_generations", mountpoint=mp) == 2
+    assert value(found, "sopsnix_pinned_generations", mountpoint=mp) == 1
+
+    # Switch: generation 2 is linked, 1 is still there (the prune has not run yet).
+    store.write_generation(2, {"db-password": "rotated\n"})
+    store.link(2)
+    text, found = scrape(config)
+    promtool_check(text)
+    assert share_values(found, "web", "secrets", mp) == {
+        "up": 1, "served": 1, "stale": 1, "deleted": 0, "behind": 1, "pruned_next": 1
+    }
+    assert value(found, "sopsnix_recommended_keep_generations", mountpoint=mp) == 3
+
+    # Prune as keepGenerations = 1 does: generation 1 is deleted under the running virtiofsd.
+    assert store.prune(1) == [1]
+    text, found = scrape(config)
+    promtool_check(text)
+    assert share_values(found, "web", "secrets", mp) == {
+        "up": 1, "served": 1, "stale": 1, "deleted": 1, "behind": 1, "pruned_next": 0
+    }
+    assert value(found, "sopsnix_pinned_generations", mountpoint=mp) == 1
+    # A deleted generation cannot be saved by keepGenerations any more: only a restart helps.
+    assert value(found, "sopsnix_recommended_keep_generations", mountpoint=mp) == 1
+
+
+@pytest.mark.parametrize("mode,syntax", SANDBOXES, ids=[f"{m}-{s}" for m, s in SANDBOXES])
+def test_restarted_virtiofsd_serves_the_current_generation(make_store, pinners, scratch, mode, syntax):
+    store = make_store("ramfs")
+    state_dir = scratch / "microvms"
+    store.switch(SAMPLE_SECRETS)
+    old = pinners(source=store.symlink, mode=mode, syntax=syntax, vm="web", state_dir=state_dir)
+    store.switch({"db-password": "rotated\n"}, keep_generations=1)
+    old.stop()
+    pinners(source=store.symlink, mode=mode, syntax=syntax, vm="web", state_dir=state_dir)
+    _, found = scrape(config_for(store, state_dir, keep=2))
+    assert share_values(found, "web", "secrets", str(store.mountpoint)) == {
+        "up": 1, "served": 2, "stale": 0, "deleted": 0, "behind": 0, "pruned_next": 0
+    }
+
+
+def test_keep_generations_zero_keeps_the_vm_on_old_secrets(make_store, pinners, scratch):
+    store = make_store("tmpfs")
+    state_dir = scratch / "microvms"
+    store.switch(SAMPLE_SECRETS, keep_generations=0)
+    pinners(source=store.symlink, vm="web", state_dir=state_dir)
+    for _ in range(3):
+        store.switch({"db-password": os.urandom(64)}, keep_generations=0)
+    _, found = scrape(config_for(store, state_dir, keep=0))
+    assert share_values(found, "web", "secrets", str(store.mountpoint)) == {
+        "up": 1, "served": 1, "stale": 1, "deleted": 0, "behind": 3, "pruned_next": 0
+    }
+    assert value(found, "sopsnix_generations", mountpoint=str(store.mountpoint)) == 4
+
+
+def test_parent_and_sandboxed_child_are_one_share(make_store, pinners, scratch):
+    store = make_store("ramfs")
+    store.switch(SAMPLE_SECRETS)
+    pinner = pinners(source=store.symlink, mode="namespace", vm="web", state_dir=scratch / "microvms")
+    assert len(pinner.children()) == 1, "the namespace sandbox forks a child, as virtiofsd does"
+    text, _ = scrape(config_for(store, scratch / "microvms"))
+    info = [line for line in text.splitlines() if line.startswith("sopsnix_vm_share_info{")]
+    assert len(info) == 1, info
+
+
+def test_declared_share_that_nothing_serves_is_down(make_store, pinners, scratch, promtool_check):
+    store = make_store("ramfs")
+    state_dir = scratch / "microvms"
+    store.switch(SAMPLE_SECRETS)
+    pinners(source=store.symlink, vm="web", state_dir=state_dir)
+    declare_share(state_dir, "db", "secrets", store.symlink)
+    # A declared share of something that is not a store is none of our business.
+    declare_share(state_dir, "db", "nix-store", "/nix/.ro-store")
+    text, found = scrape(config_for(store, state_dir))
+    promtool_check(text)
+    mp = str(store.mountpoint)
+    assert value(found, "sopsnix_vm_share_up", vm="db", share="secrets", mountpoint=mp) == 0
+    assert value(found, "sopsnix_vm_share_up", vm="web", share="secrets", mountpoint=mp) == 1
+    assert value(found, "sopsnix_vm_share_detection", vm="db", share="secrets", mountpoint=mp, method="down") == 1
+    assert not any(k[0] == "sopsnix_vm_share_up" and ("share", "nix-store") in k[1] for k in found)
+    # Nothing is known about what a down share serves: no stale or deleted series at all.
+    assert value(found, "sopsnix_vm_serving_stale_generation", vm="db", share="secrets", mountpoint=mp) is None
+
+
+def test_current_booted_fallback_and_socket_name(make_store, pinners, scratch):
+    store = make_store("ramfs")
+    state_dir = scratch / "microvms"
+    store.switch(SAMPLE_SECRETS)
+    # Declared only under current/ (no booted/), with a tag that differs from the socket's own name.
+    declare_share(state_dir, "api", "sops", store.symlink, socket="api-virtiofs-sops.sock", generation="current")
+    pinners(source=store.symlink, vm="api", tag="sops", state_dir=state_dir, declare=False)
+    _, found = scrape(config_for(store, state_dir))
+    assert value(found, "sopsnix_vm_share_up", vm="api", share="sops", mountpoint=str(store.mountpoint)) == 1
+
+
+@pytest.mark.parametrize("where", ["state_dir", "socket_name"])
+def test_vm_name_without_a_cgroup(make_store, pinners, scratch, where):
+    store = make_store("ramfs")
+    state_dir = scratch / "microvms"
+    store.switch(SAMPLE_SECRETS)
+    pinners(source=store.symlink, vm="mail", tag="secrets", cgroup=False,
+            state_dir=state_dir if where == "state_dir" else None)  # fmt: skip
+    _, found = scrape(config_for(store, state_dir))
+    assert value(found, "sopsnix_vm_serving_generation", vm="mail", share="secrets",
+                 mountpoint=str(store.mountpoint)) == 1  # fmt: skip
+
+
+@pytest.mark.parametrize("source_kind", ["symlink-slash", "generation", "mountpoint", "space-form"])
+def test_source_forms(make_store, pinners, scratch, source_kind):
+    store = make_store("ramfs")
+    state_dir = scratch / "microvms"
+    store.switch(SAMPLE_SECRETS)
+    source = {
+        "symlink-slash": f"{store.symlink}/",
+        "generation": str(store.generation_path(1)),
+        "mountpoint": str(store.mountpoint),
+        "space-form": str(store.symlink),
+    }[source_kind]
+    pinners(source=source, vm="web", state_dir=state_dir, space_form=source_kind == "space-form")
+    store.switch({"db-password": "rotated\n"}, keep_generations=0)
+    _, found = scrape(config_for(store, state_dir, keep=0))
+    values = share_values(found, "web", "secrets", str(store.mountpoint))
+    if source_kind == "mountpoint":
+        # Sharing the mount point itself serves every generation: the guest follows rotations by itself.
+        assert values == {"up": 1, "served": None, "stale": 0, "deleted": 0, "behind": None, "pruned_next": None}
+    else:
+        assert values == {"up": 1, "served": 1, "stale": 1, "deleted": 0, "behind": 1, "pruned_next": 0}
+
+
+def test_c_virtiofsd_not_yet_connected_is_not_stale(make_store, pinners, scratch):
+    store = make_store("ramfs")
+    state_dir = scratch / "microvms"
+    store.switch(SAMPLE_SECRETS)
+    pinners(source=f"{store.symlink}/", syntax="c", mode="namespace", behaviour="idle", vm="web", state_dir=state_dir)
+    store.switch({"db-password": "rotated\n"}, keep_generations=1)
+    _, found = scrape(config_for(store, state_dir))
+    mp = str(store.mountpoint)
+    assert share_values(found, "web", "secrets", mp) == {
+        "up": 1, "served": None, "stale": 0, "deleted": 0, "behind": None, "pruned_next": None
+    }
+    assert value(found, "sopsnix_vm_share_detection", vm="web", share="secrets", mountpoint=mp, method="unpinned") == 1
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["virtiofsd", "--shared-dir"], ["virtiofsd", "-o"], ["virtiofsd", "\x01\x02garbage", "--sandbox="], ["virtiofsd"]],
+)
+def test_garbage_or_truncated_command_lines_are_ignored(make_store, pinners, scratch, argv):
+    store = make_store("ramfs")
+    store.switch(SAMPLE_SECRETS)
+    pinners(source=store.symlink, vm="web", state_dir=scratch / "microvms", declare=False, argv=argv)
+    _, found = scrape(config_for(store, scratch / "microvms"))
+    assert value(found, "sopsnix_scrape_collector_success", collector="shares") == 1
+    assert not any(k[0] == "sopsnix_vm_share_info" for k in found)
+
+
+def test_process_that_exits_mid_scan(make_store, pinners, scratch):
+    store = make_store("ramfs")
+    store.switch(SAMPLE_SECRETS)
+    pinner = pinners(source=store.symlink, mode="none", vm="web", state_dir=scratch / "microvms")
+    config = parse_config(config_for(store, scratch / "microvms"))
+    exporter, _ = app.build(config, process_metrics=False)
+    stores = exporter.collect().runs["stores"].result.stores
+    from exporter.shares import store_identity
+
+    identity = store_identity(stores[0])
+    assert processes.inspect(pinner.pid, identity, processes.own_root()).generation == 1
+    pinner.stop()  # killed and reaped: its /proc entry is gone, as when it exits between listing and reading
+    with pytest.raises(ProcessLookupError):
+        processes.inspect(pinner.pid, identity, processes.own_root())
+
+    # And for real, many times: virtiofsd processes that live a few milliseconds while scans run.
+    churn = []
+    deadline = time.monotonic() + 3
+    scans = 0
+    while time.monotonic() < deadline:
+        churn.append(start_pinner(scratch, store.symlink, mode="none", vm=f"short{scans}", exit_after_ms=3,
+                                  state_dir=scratch / "microvms", declare=False))  # fmt: skip
+        snapshot = exporter.collect()
+        assert snapshot.runs["shares"].success, snapshot.runs["shares"].error
+        scans += 1
+    for short in churn:
+        short.stop()
+    assert scans > 10
+
+
+def test_check_lists_every_share_with_its_verdict_and_fix(make_store, pinners, scratch):
+    store = make_store("ramfs")
+    state_dir = scratch / "microvms"
+    store.switch(SAMPLE_SECRETS)
+    pinners(source=store.symlink, vm="web", state_dir=state_dir)
+    pinners(source=store.symlink, mode="chroot", vm="db", state_dir=state_dir)
+    store.switch({"db-password": "rotated\n"}, keep_generations=1)  # deletes generation 1 under both VMs
+    pinners(source=store.symlink, vm="api", state_dir=state_dir)
+    declare_share(state_dir, "mail", "secrets", store.symlink)
+    exporter, _ = app.build(parse_config(config_for(store, state_dir)), process_metrics=False)
+    text, code = report(exporter.collect())
+    assert code == 1
+    assert "VM web share secrets" in text and "serves generation 1, current 2: deleted" in text
+    assert "VM api share secrets" in text and "serves generation 2, current 2: current" in text
+    assert "VM mail share secrets" in text and "DOWN" in text
+    assert "restart microvm@web" in text and "restart microvm@db" in text
+    assert "microvm-virtiofsd@mail" in text
+    # api serves the current generation, but keepGenerations = 1 deletes it at the next switch.
+    assert "sops.keepGenerations = 2" in text
+
+
+def _unprivileged_python() -> list[str]:
+    """An interpreter the user nobody may run, with the exporter and its dependencies importable."""
+    site = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    for interpreter in (os.path.realpath(sys.executable), "/usr/bin/python3"):
+        probe = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", interpreter, "-c", "import exporter.cli"],
+            env={"PYTHONPATH": ":".join([str(ROOT), *site])}, capture_output=True, cwd="/",
+        )  # fmt: skip
+        if probe.returncode == 0:
+            return [interpreter]
+    pytest.skip("no Python interpreter that the user nobody can run with the exporter's dependencies")
+
+
+def test_scan_without_privileges_uses_mountinfo_and_names_the_missing_capability(make_store, pinners, scratch):
+    store = make_store("ramfs")
+    state_dir = scratch / "microvms"
+    store.switch(SAMPLE_SECRETS)
+    pinners(source=store.symlink, mode="namespace", vm="web", state_dir=state_dir)
+    pinners(source=store.symlink, mode="chroot", vm="db", state_dir=state_dir)
+    store.switch({"db-password": "rotated\n"}, keep_generations=1)
+    # sops-nix's store is root:keys 0751; the exporter runs as a user of the keys group.
+    keys_gid = 64999
+    os.chown(store.mountpoint, 0, keys_gid)
+    os.chmod(store.mountpoint, 0o750)
+    os.chmod(scratch, 0o755)
+    state_dir.chmod(0o755)
+    config_path = scratch / "config.yml"
+    import yaml
+
+    config_path.write_text(yaml.safe_dump(config_for(store, state_dir)))
+    config_path.chmod(0o644)
+    out = scratch / "out"
+    out.mkdir(mode=0o777)
+    out.chmod(0o777)
+    interpreter = _unprivileged_python()
+    site = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    result = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", f"--groups={keys_gid}", "--inh-caps=-all",
+         "--bounding-set=-all", *interpreter, "-m", "exporter", "textfile", f"--config.file={config_path}",
+         f"--output={out}/metrics.prom"],
+        env={"PYTHONPATH": ":".join([str(ROOT), *site])}, capture_output=True, text=True, cwd="/",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    found = samples((out / "metrics.prom").read_text())
+    mp = str(store.mountpoint)
+    assert value(found, "sopsnix_exporter_capability", capability="CAP_SYS_PTRACE") == 0
+    # The namespace sandbox is read from its mount table, which needs no privilege.
+    assert share_values(found, "web", "secrets", mp)["deleted"] == 1
+    assert value(found, "sopsnix_vm_share_detection", vm="web", share="secrets", mountpoint=mp, method="mountinfo") == 1
+    # The chroot's root is closed to us: reported as denied, with no made-up verdict.
+    assert value(found, "sopsnix_vm_share_detection", vm="db", share="secrets", mountpoint=mp, method="denied") == 1
+    assert share_values(found, "db", "secrets", mp)["stale"] is None
+    assert "CAP_SYS_PTRACE" in result.stderr
