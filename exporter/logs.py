@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
+import traceback
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
 FORMATS = ("logfmt", "json")
@@ -19,8 +21,21 @@ def _fields(record: logging.LogRecord) -> dict[str, object]:
     level = {"WARNING": "warn"}.get(record.levelname, record.levelname.lower())
     fields: dict[str, object] = {"ts": _timestamp(record), "level": level, "msg": record.getMessage()}
     fields.update(getattr(record, "kv", {}) or {})
-    if record.exc_info and record.exc_info[0] is not None:
-        fields["err"] = f"{record.exc_info[0].__name__}: {record.exc_info[1]}"
+    if record.exc_info and record.exc_info[1] is not None:
+        fields.update(_exception_fields(record.exc_info[1]))
+    return fields
+
+
+def _exception_fields(exc: BaseException) -> dict[str, str]:
+    """The exception's type and where it was raised, never its text: an OSError's text carries the path
+    (below a generation, a secret's name) and another exception's text may quote what was read."""
+    err = type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        err += f": {exc.strerror}"
+    fields = {"err": err}
+    if exc.__traceback__ is not None:
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        fields["at"] = f"{os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}"
     return fields
 
 
