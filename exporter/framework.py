@@ -125,7 +125,7 @@ class ProblemLog:
         with self._lock:
             for key, problem in current.items():
                 if key not in self._active:
-                    level = logging.INFO if problem.severity == "info" else logging.WARNING
+                    level = {"info": logging.INFO, "critical": logging.ERROR}.get(problem.severity, logging.WARNING)
                     log.log(level, problem.message, extra={"kv": {"hint": problem.hint} if problem.hint else {}})
             for key, problem in self._active.items():
                 if key.startswith(scope + ":") and key not in current:
