@@ -625,7 +625,9 @@ def host_dashboard() -> models.Dashboard:
             thresholds((None, "red"), (1, "green")),
             target(s("up"), legend="{{instance}}", instant=True),
             mappings=UP_DOWN,
-        ).span(6),
+        )
+        .span(4)
+        .height(8),
         stat_panel(
             "Collectors",
             "Whether each collector's last scan succeeded. A failing collector's metrics are missing "
@@ -634,7 +636,21 @@ def host_dashboard() -> models.Dashboard:
             thresholds((None, "red"), (1, "green")),
             target(s("sopsnix_scrape_collector_success"), legend="{{instance}} {{collector}}", instant=True),
             mappings=OK_FAILING,
-        ).span(6),
+        )
+        .span(4)
+        .height(8),
+        stat_panel(
+            "Capabilities",
+            "Whether the exporter holds the capabilities it needs to see every share: CAP_SYS_PTRACE to "
+            "read virtiofsd's root and descriptors, CAP_DAC_READ_SEARCH to measure closed directories. "
+            "Without them some shares or bytes go unseen.",
+            "none",
+            thresholds((None, "orange"), (1, "green")),
+            target(s("sopsnix_exporter_capability"), legend="{{instance}} {{capability}}", instant=True),
+            mappings=value_texts((0, "missing", "orange"), (1, "held", "green")),
+        )
+        .span(4)
+        .height(8),
     )
     add(
         builder,

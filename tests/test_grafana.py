@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
-import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -259,3 +260,113 @@ def test_provisioning_file_points_grafana_at_the_dashboards():
     (provider,) = provisioning["providers"]
     assert provider["type"] == "file"
     assert Path(provider["options"]["path"]).is_absolute()
+
+
+# --- against a real Prometheus scraping the real exporter -------------------------------------------
+
+RULES = ROOT / "alerts" / "sops-nix.rules.yml"
+
+# The state number each VM share of the scenario must get in the share table (SHARE_STATES).
+EXPECTED_SHARE_STATES = {"current-vm": 2, "stale-vm": 1, "down-vm": 3, "deleted-vm": 4}
+
+
+def rules_firing_at_once(directory: Path) -> Path:
+    """The project's rules with every `for:` dropped, so an alert fires at the first evaluation.
+
+    How long each alert waits is the alert tests' business; here only the ALERTS series matters, and
+    waiting a minute for the quickest alert would make the test slow.
+    """
+    if not RULES.exists():
+        pytest.fail(f"{RULES.relative_to(ROOT)} is missing: the firing-alerts panels read its ALERTS")
+    rules = yaml.safe_load(RULES.read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            rule.pop("for", None)
+    path = directory / "rules-without-for.yml"
+    path.write_text(yaml.safe_dump(rules, sort_keys=False))
+    return path
+
+
+def variable_values(prometheus, dashboard: dict, name: str, job: str, instances: str) -> set[str]:
+    """Evaluate a label_values(selector, label) variable the way Grafana does: the label values API."""
+    (variable,) = [v for v in dashboard["templating"]["list"] if v["name"] == name]
+    match = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", variable["query"])
+    assert match, f"unexpected variable query {variable['query']!r}"
+    selector = match.group(1).replace("$job", job).replace("$instance", instances)
+    return set(prometheus.api(f"label/{match.group(2)}/values", **{"match[]": selector}))
+
+
+def run(prometheus, query: dict, expr: str) -> list[dict]:
+    """The query as Grafana runs it: instant, or a range over the last minute."""
+    if query.get("instant"):
+        return prometheus.query(expr)
+    now = time.time()
+    data = prometheus.api("query_range", query=expr, start=now - 60, end=now, step="1s")
+    return [series for series in data["result"] if series["values"]]
+
+
+@pytest.mark.slow
+def test_every_panel_query_returns_data_from_the_real_exporter(make_store, pinners, scratch, exporter_process):
+    from pinning import declare_share
+    from promstack import Prometheus
+    from sopsnix import SAMPLE_SECRETS
+
+    growing = make_store("ramfs", name="secrets")  # keepGenerations = 0: every generation stays
+    pruned = make_store("tmpfs", name="secrets-for-users")  # keepGenerations = 1
+    state_dir = scratch / "microvms"
+    growing.switch(SAMPLE_SECRETS, keep_generations=0)
+    pruned.switch(SAMPLE_SECRETS, keep_generations=1)
+    pinners(source=growing.symlink, vm="stale-vm", state_dir=state_dir)
+    pinners(source=pruned.symlink, vm="deleted-vm", state_dir=state_dir, mode="chroot")
+    declare_share(state_dir, "down-vm", "secrets", pruned.symlink)
+    exporter = exporter_process(
+        {
+            "stores": [
+                {"mountpoint": str(growing.mountpoint), "symlink": str(growing.symlink), "keep_generations": 0},
+                {"mountpoint": str(pruned.mountpoint), "symlink": str(pruned.symlink), "keep_generations": 1},
+            ],
+            "microvm": {"state_dir": str(state_dir)},
+        }
+    )
+    instance = exporter.url.removeprefix("http://")
+    with Prometheus.start(scratch, [instance], rule_files=[rules_firing_at_once(scratch)]) as prometheus:
+        prometheus.wait_for("sopsnix_current_generation", lambda r: len(r) == 2, timeout=30)
+        # Switches Prometheus sees happen: memory grows, generations change, VM shares fall behind.
+        for _ in range(2):
+            growing.switch({"db-password": os.urandom(4096)}, keep_generations=0)
+            time.sleep(1.5)
+        pruned.switch(SAMPLE_SECRETS, keep_generations=1)  # prunes what deleted-vm serves
+        pinners(source=pruned.symlink, vm="current-vm", state_dir=state_dir)
+        prometheus.wait_for("changes(sopsnix_current_generation[1d]) > 0", lambda r: len(r) == 2, timeout=30)
+        prometheus.wait_for("sopsnix_vm_share_up", lambda r: len(r) == 4, timeout=30)
+        prometheus.wait_for('ALERTS{alertname="SopsNixVMServingDeletedGeneration", alertstate="firing"}', timeout=30)
+
+        dashboards = committed()
+        for name, dashboard in dashboards.items():
+            assert variable_values(prometheus, dashboard, "job", "", "") >= {"sops-nix"}, name
+            assert variable_values(prometheus, dashboard, "instance", "sops-nix", "") == {instance}, name
+            assert variable_values(prometheus, dashboard, "vm", "sops-nix", ".+") == set(EXPECTED_SHARE_STATES), name
+
+        empty = []
+        for name, dashboard in dashboards.items():
+            for panel in panels(dashboard):
+                for query in panel["targets"]:
+                    where = f"{name}: {panel['title']!r} {query['refId']}"
+                    for vms in (None, sorted(EXPECTED_SHARE_STATES)):
+                        expr = substitute(query["expr"], "sops-nix", [instance], vms, range_="5m")
+                        if not run(prometheus, query, expr):
+                            empty.append(f"{where} (vm={vms or 'All'}): {expr}")
+                    # Another host selected: nothing of this one shows, except a count's explicit 0.
+                    expr = substitute(query["expr"], "sops-nix", ["192.0.2.1:9785"], None, range_="5m")
+                    for sample in run(prometheus, query, expr):
+                        values = [v for _, v in sample.get("values", [])] or [sample["value"][1]]
+                        assert sample["metric"] == {} and set(map(float, values)) == {0}, f"{where}: {sample}"
+        assert not empty, "panel queries without data:\n" + "\n".join(empty)
+
+        # The share table's state column says what each VM's share really is.
+        (state_query,) = [
+            q for p in panels(dashboards["sops-nix-host.json"]) if p["title"] == "VM shares"
+            for q in p["targets"] if "label_replace" in q["expr"]
+        ]  # fmt: skip
+        result = prometheus.query(substitute(state_query["expr"], "sops-nix", [instance], None))
+        assert {s["metric"]["vm"]: int(float(s["value"][1])) for s in result} == EXPECTED_SHARE_STATES
