@@ -1,0 +1,372 @@
+#!/usr/bin/env python3
+"""Renders the exporter's recording and alerting rules for Prometheus.
+
+    python3 alerts/build.py                          # prints the rules with the defaults
+    python3 alerts/build.py -o alerts/sops-nix.rules.yml
+    python3 alerts/build.py --job=secrets --runbook-base=https://wiki.example.com/sops-nix/runbooks -o my.rules.yml
+
+The committed alerts/sops-nix.rules.yml is this script's output with the defaults (a test checks that), so it
+can be loaded as is. Two things differ between sites, and this script is the one way to change them:
+
+  --job           the scrape job whose `up` series SopsNixExporterDown watches (default: sops-nix). Every
+                  other rule selects by metric name alone, so it follows the exporter whatever job scrapes it.
+  --runbook-base  the URL of docs/runbooks.md as your operators can open it; each alert's runbook_url is
+                  this base plus '#' and the alert name in lower case (the heading's anchor).
+
+--for-scale multiplies every `for` duration; it exists for end-to-end tests that cannot wait an hour
+(tests/test_alerting_e2e.py renders with --for-scale=0.0166 so that one minute becomes one second).
+Needs nothing but Python 3.11.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+DEFAULT_JOB = "sops-nix"
+DEFAULT_RUNBOOK_BASE = "https://github.com/sops-nix-exporter/sops-nix-exporter/blob/main/docs/runbooks.md"
+RULES_FILE = Path(__file__).resolve().parent / "sops-nix.rules.yml"
+
+# The label sets the alerts keep; PromQL binary operators below match on all labels (none use on()), so
+# whatever target labels a site adds (instance, job, datacenter...) flow through to the alerts unchanged.
+VM_SHARE = "VM {{ $labels.vm }}"
+
+
+def value_of(metric: str, labels: tuple[str, ...], format: str = 'printf "%.0f"') -> str:
+    """A template fragment that prints the value of `metric` for the alert's own label values."""
+    selector = ",".join(f"{label}=%q" for label in labels)
+    arguments = " ".join(f"$labels.{label}" for label in labels)
+    return (
+        f'{{{{ with printf "{metric}{{{selector}}}" {arguments} | query }}}}'
+        f"{{{{ . | first | value | {format} }}}}{{{{ else }}}}unknown{{{{ end }}}}"
+    )
+
+
+STORE = ("instance", "mountpoint")
+SHARE = ("instance", "vm", "share")
+
+CURRENT = value_of("sopsnix_current_generation", STORE)
+KEEP = value_of("sopsnix_keep_generations", STORE)
+SERVED = value_of("sopsnix_vm_serving_generation", SHARE)
+USED = value_of("sopsnix_generations_bytes", STORE, "humanize1024") + "B"
+BUDGET = value_of("sopsnix_memory_budget_bytes", STORE, "humanize1024") + "B"
+GENERATIONS = value_of("sopsnix_generations", STORE)
+PER_GENERATION = value_of("sopsnix:memory_per_generation:bytes", STORE, "humanize1024") + "B"
+SWITCHES = value_of("sopsnix:switches:per_day", STORE)
+
+
+def recording_rules() -> list[dict]:
+    return [
+        {
+            # What one more generation costs: the mean over the generations the store holds now.
+            "record": "sopsnix:memory_per_generation:bytes",
+            "expr": "sopsnix_generations_bytes / (sopsnix_generations > 0)",
+        },
+        {
+            # Activations that linked a new generation in the last 24 hours. Generation numbers only grow
+            # until a reboot empties the ramfs, and the drop to 1 at boot counts once, as the boot's own switch.
+            "record": "sopsnix:switches:per_day",
+            "expr": "changes(sopsnix_current_generation[1d])",
+        },
+        {
+            "record": "sopsnix:memory_budget:ratio",
+            "expr": "sopsnix_generations_bytes / (sopsnix_memory_budget_bytes > 0)",
+        },
+        {
+            # Days until the budget is reached if every switch adds a generation of the mean size and none is
+            # pruned. Absent where nothing switches, and where pruning (keep_generations > 0 in the exporter's
+            # configuration) caps the store below its budget; a store whose keep_generations the exporter does
+            # not know is assumed not to prune.
+            "record": "sopsnix:memory_budget:days_left",
+            "expr": multiline(
+                """
+                ((sopsnix_memory_budget_bytes > 0) - sopsnix_generations_bytes)
+                  / (sopsnix:memory_per_generation:bytes * (sopsnix:switches:per_day > 0))
+                unless
+                  (sopsnix_keep_generations > 0)
+                    * sopsnix:memory_per_generation:bytes < sopsnix_memory_budget_bytes
+                """
+            ),
+        },
+    ]
+
+
+def multiline(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    indent = min(len(line) - len(line.lstrip()) for line in lines)
+    return "\n".join(line[indent:].rstrip() for line in lines) + "\n"
+
+
+def alert(name: str, severity: str, expr: str, duration: str | None, summary: str, description: str) -> dict:
+    rule: dict = {"alert": name, "expr": expr}
+    if duration is not None:
+        rule["for"] = duration
+    rule["labels"] = {"severity": severity}
+    rule["annotations"] = {"summary": summary, "description": " ".join(description.split())}
+    return rule
+
+
+def vm_alerts() -> list[dict]:
+    share = "share {{ $labels.share }} of VM {{ $labels.vm }} on {{ $labels.instance }}"
+    Share = "S" + share[1:]  # noqa: N806 (the same words at the start of a sentence)
+    return [
+        alert(
+            "SopsNixVMServingDeletedGeneration", "critical",
+            "sopsnix_vm_serving_generation and sopsnix_vm_serving_deleted_generation == 1",
+            "1m",
+            "VM {{ $labels.vm }} serves a deleted secrets generation: its secrets directory is empty",
+            f"""The virtiofsd of {share} still serves generation {{{{ printf "%.0f" $value }}}} of
+            {{{{ $labels.mountpoint }}}}, which has been deleted; the store's current generation is {CURRENT}.
+            The guest sees an empty secrets directory, so every service in it that reads a secret fails.
+            Restart microvm@{{{{ $labels.vm }}}} so that it serves the current generation.""",
+        ),
+        alert(
+            "SopsNixVMShareDown", "critical",
+            "sopsnix_vm_share_up == 0",
+            "5m",
+            "VM {{ $labels.vm }} declares secrets share {{ $labels.share }} but no virtiofsd serves it",
+            f"""{Share} is declared (from {{{{ $labels.mountpoint }}}}) but no virtiofsd
+            serves it: the guest cannot mount its secrets. Start microvm-virtiofsd@{{{{ $labels.vm }}}}, or
+            restart microvm@{{{{ $labels.vm }}}}.""",
+        ),
+        alert(
+            "SopsNixVMSecretsPrunedOnNextSwitch", "warning",
+            multiline(
+                """
+                sopsnix_vm_serving_generation
+                  and sopsnix_vm_share_pruned_on_next_switch == 1
+                unless sopsnix_vm_serving_deleted_generation == 1
+                """
+            ),
+            "10m",
+            "The next activation will delete the secrets VM {{ $labels.vm }} serves",
+            f"""{Share} serves generation {{{{ printf "%.0f" $value }}}} of
+            {{{{ $labels.mountpoint }}}}; the current generation is {CURRENT} and keepGenerations is {KEEP},
+            so the next activation deletes it and the guest's secrets directory turns empty. Share the store's
+            mount point instead of the symlink, or raise keepGenerations, or restart
+            microvm@{{{{ $labels.vm }}}} after every switch.""",
+        ),
+        alert(
+            "SopsNixVMServingStaleGeneration", "warning",
+            multiline(
+                """
+                sopsnix_vm_generations_behind
+                  and sopsnix_vm_serving_stale_generation == 1
+                unless sopsnix_vm_serving_deleted_generation == 1
+                """
+            ),
+            "1h",
+            "VM {{ $labels.vm }} has not seen rotated secrets for an hour",
+            f"""{Share} serves generation {SERVED} of {{{{ $labels.mountpoint }}}},
+            {{{{ printf "%.0f" $value }}}} generation(s) behind the current one ({CURRENT}): the guest still
+            reads the secrets of before the last rotation. Restart microvm@{{{{ $labels.vm }}}} to serve the
+            current generation.""",
+        ),
+    ]
+
+
+def store_alerts() -> list[dict]:
+    store = "store {{ $labels.mountpoint }} on {{ $labels.instance }}"
+    return [
+        alert(
+            "SopsNixSecretsMemoryNearBudget", "warning",
+            "sopsnix_generations_bytes / (sopsnix_memory_budget_bytes > 0) >= 0.8",
+            "15m",
+            "Secrets store {{ $labels.mountpoint }} uses {{ $value | humanizePercentage }} of its memory budget",
+            f"""The generations of {store} hold {USED} in memory, {{{{ $value | humanizePercentage }}}} of its
+            budget of {BUDGET}, in {GENERATIONS} generation(s). Lower keepGenerations, reboot to reclaim the
+            memory, or raise the budget.""",
+        ),
+        alert(
+            "SopsNixSecretsMemoryOverBudget", "critical",
+            "sopsnix_generations_bytes / (sopsnix_memory_budget_bytes > 0) >= 1",
+            "15m",
+            "Secrets store {{ $labels.mountpoint }} is over its memory budget",
+            f"""The generations of {store} hold {USED} in memory, {{{{ $value | humanizePercentage }}}} of its
+            budget of {BUDGET}, in {GENERATIONS} generation(s). That memory is never swapped out, and comes
+            back only when generations are deleted or at reboot. Lower keepGenerations, reboot to reclaim the memory, or raise the budget.""",
+        ),
+        alert(
+            "SopsNixSecretsMemoryBudgetExhaustionPredicted", "warning",
+            "sopsnix:memory_budget:days_left > 0 < 7",
+            "1h",
+            "Secrets store {{ $labels.mountpoint }} will reach its memory budget within a week",
+            f"""At {SWITCHES} switch(es) per day and {PER_GENERATION} per generation, {store} reaches its
+            budget of {BUDGET} in {{{{ printf "%.1f" $value }}}} day(s); it holds {USED} now, and pruning
+            does not keep it below the budget. Set keepGenerations above 0, reboot to reclaim the memory, or raise the budget.""",
+        ),
+        alert(
+            "SopsNixSymlinkBroken", "critical",
+            'sopsnix_symlink_info{state=~"missing|dangling"} == 1 and ignoring (symlink, state) sopsnix_generations > 0',
+            "5m",
+            "The symlink of secrets store {{ $labels.mountpoint }} is {{ $labels.state }}",
+            f"""The symlink {{{{ $labels.symlink }}}} of {store} is {{{{ $labels.state }}}} while the store
+            holds {GENERATIONS} generation(s): services on the host that read secrets through it fail. Run the
+            activation again (nixos-rebuild switch) so that sops-nix links a generation.""",
+        ),
+        alert(
+            "SopsNixStackedMounts", "warning",
+            "sopsnix_mounts > 1",
+            "10m",
+            "{{ $value }} filesystems are mounted on secrets store {{ $labels.mountpoint }}",
+            f"""{{{{ $value }}}} filesystems are mounted on {store}: the lower ones are hidden but still hold
+            their generations in memory, and a VM may serve a hidden one. Reboot, or unmount the lower mount
+            once nothing serves it.""",
+        ),
+        alert(
+            "SopsNixPendingGeneration", "info",
+            "sopsnix_pending_generations > 0",
+            "1h",
+            "Secrets store {{ $labels.mountpoint }} has a generation that was written but never linked",
+            f"""{{{{ $value }}}} generation(s) above the current one ({CURRENT}) of {store} were written but
+            never linked, for over an hour: an activation failed or was a dry-activate. They hold memory until
+            the next successful switch prunes them.""",
+        ),
+    ]
+
+
+def exporter_alerts(job: str) -> list[dict]:
+    up = f"up{{job={json.dumps(job)}}}"
+    return [
+        alert(
+            "SopsNixExporterCollectorFailing", "warning",
+            "sopsnix_scrape_collector_success == 0",
+            "10m",
+            "The {{ $labels.collector }} collector of the sops-nix exporter on {{ $labels.instance }} fails",
+            """The {{ $labels.collector }} collector of the sops-nix exporter on {{ $labels.instance }} has
+            failed every scrape for 10 minutes, so its metrics are missing and the alerts that need them are
+            blind. The exporter's log says why.""",
+        ),
+        alert(
+            "SopsNixExporterDown", "critical",
+            f"{up} == 0 or absent({up})",
+            "5m",
+            "The sops-nix exporter{{ with $labels.instance }} on {{ . }}{{ end }} cannot be scraped",
+            """{{ with $labels.instance }}Prometheus cannot scrape the sops-nix exporter on {{ . }} (job
+            {{ $labels.job }}){{ else }}Prometheus has no target in job {{ $labels.job }}{{ end }}: every
+            other sops-nix alert is blind while this lasts. Check the exporter's service on the host and
+            Prometheus's scrape configuration.""",
+        ),
+    ]
+
+
+def rules(job: str = DEFAULT_JOB, runbook_base: str = DEFAULT_RUNBOOK_BASE, for_scale: float = 1.0) -> dict:
+    groups = [
+        {"name": "sops-nix.recording", "rules": recording_rules()},
+        {"name": "sops-nix.vms", "rules": vm_alerts()},
+        {"name": "sops-nix.stores", "rules": store_alerts()},
+        {"name": "sops-nix.exporter", "rules": exporter_alerts(job)},
+    ]
+    for group in groups:
+        for rule in group["rules"]:
+            if "alert" in rule:
+                rule["annotations"]["runbook_url"] = f"{runbook_base}#{rule['alert'].lower()}"
+                if "for" in rule and for_scale != 1.0:
+                    rule["for"] = scale_duration(rule["for"], for_scale)
+    return {"groups": groups}
+
+
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def scale_duration(duration: str, factor: float) -> str:
+    milliseconds = round(int(duration[:-1]) * UNITS[duration[-1]] * 1000 * factor)
+    return f"{max(milliseconds, 1)}ms"
+
+
+# A small block-style YAML writer for the one shape this file has (mappings, lists, strings): it keeps
+# expressions on their own lines and wraps prose between template actions, never inside one.
+WIDTH = 110
+PLAIN = re.compile(r"[A-Za-z][A-Za-z0-9_./:@-]*(#[A-Za-z0-9_-]+)?|[0-9]+(ms|[smhd])")
+NOT_PLAIN = {"true", "false", "yes", "no", "on", "off", "null", "y", "n"}
+
+
+def words(text: str) -> list[str]:
+    """Split prose at single spaces that are not inside a {{ ... }} template action."""
+    result, current, depth, i = [], "", 0, 0
+    while i < len(text):
+        if text.startswith("{{", i):
+            depth, current, i = depth + 1, current + "{{", i + 2
+        elif text.startswith("}}", i):
+            depth, current, i = depth - 1, current + "}}", i + 2
+        elif text[i] == " " and depth == 0:
+            result, current, i = result + [current], "", i + 1
+        else:
+            current, i = current + text[i], i + 1
+    return result + [current]
+
+
+def scalar(value: str, indent: int) -> list[str]:
+    """The text after 'key:' and any lines of a block scalar, indented by `indent`."""
+    pad = " " * indent
+    if "\n" in value:
+        return [" |" if value.endswith("\n") else " |-"] + [pad + line for line in value.rstrip("\n").split("\n")]
+    if PLAIN.fullmatch(value) and value.lower() not in NOT_PLAIN:
+        return [" " + value]
+    if indent + len(value) <= WIDTH or "  " in value or value != value.strip():
+        return [" '" + value.replace("'", "''") + "'"]
+    lines, line = [], ""
+    for word in words(value):
+        if line and indent + len(line) + 1 + len(word) > WIDTH:
+            lines.append(pad + line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return [" >-"] + lines + [pad + line]
+
+
+def emit(node: dict | list, indent: int = 0) -> list[str]:
+    pad = " " * indent
+    out: list[str] = []
+    if isinstance(node, list):
+        for item in node:
+            body = emit(item, indent + 2)
+            out.append(pad + "- " + body[0][indent + 2 :])
+            out.extend(body[1:])
+        return out
+    for key, value in node.items():
+        if isinstance(value, str):
+            first, *rest = scalar(value, indent + 2)
+            out.append(f"{pad}{key}:{first}")
+            out.extend(rest)
+        else:
+            out.append(f"{pad}{key}:")
+            out.extend(emit(value, indent + 2))
+    return out
+
+
+HEADER = """\
+# Recording and alerting rules for sops-nix-exporter. Generated by alerts/build.py: edit that, not this.
+# Rendered with --job={job} --runbook-base={runbook_base}
+"""
+
+
+def render(job: str = DEFAULT_JOB, runbook_base: str = DEFAULT_RUNBOOK_BASE, for_scale: float = 1.0) -> str:
+    body = "\n".join(emit(rules(job, runbook_base, for_scale))) + "\n"
+    return HEADER.format(job=job, runbook_base=runbook_base) + body
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--job", default=DEFAULT_JOB, help=f"scrape job of the exporter (default {DEFAULT_JOB})")
+    parser.add_argument(
+        "--runbook-base", default=DEFAULT_RUNBOOK_BASE, help=f"URL of docs/runbooks.md (default {DEFAULT_RUNBOOK_BASE})"
+    )
+    parser.add_argument("--for-scale", type=float, default=1.0, help="multiply every `for` duration (tests only)")
+    parser.add_argument("-o", "--output", type=Path, help="write here instead of to standard output")
+    args = parser.parse_args(argv)
+    if args.for_scale <= 0:
+        parser.error("--for-scale must be above 0")
+    text = render(args.job, args.runbook_base.rstrip("#"), args.for_scale)
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
