@@ -591,7 +591,7 @@ def test_failing_collector_leaves_the_others_intact(store, exporter_log, failing
     lines = [json.loads(line) for line in log.getvalue().splitlines()]
     failures = [line for line in lines if "failing" in line["msg"]]
     assert len(failures) == 1, lines  # logged when it starts failing, not on every scrape
-    assert failures[0]["level"] == "warn" and "FileNotFoundError" in failures[0]["msg"]
+    assert failures[0]["level"] == "error" and "FileNotFoundError" in failures[0]["msg"]
 
     failing.failing = False
     text = generate_latest(registry).decode()

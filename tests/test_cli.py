@@ -1,0 +1,423 @@
+"""The command line, run as a real process: `check` (exit codes and text), `textfile` (atomic, valid,
+no process metrics), logging formats, permission denied as an unprivileged user, and that no secret's name
+or content reaches any output."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, store_config, write_config
+from exporter import __version__
+from sopsnix import SopsStore, du_figures, mount, umount
+from test_stores import (
+    OTHER_FSTYPE,
+    Secrets,
+    config_data,
+    findmnt_fstype,
+    run_cli,
+    samples,
+    series,
+    sops_layout,
+    value,
+)
+
+NOBODY = 65534
+SETPRIV = [
+    "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all",
+]  # fmt: skip
+
+
+def check(scratch: Path, *stores: dict, flags: tuple[str, ...] = (), **extra) -> subprocess.CompletedProcess:
+    config = write_config(scratch, config_data(*stores, **extra))
+    return run_cli("check", f"--config.file={config}", *flags)
+
+
+def linked_store(store: SopsStore, secrets: Secrets, generations=(1, 2), current: int | None = 2) -> None:
+    for number in generations:
+        store.write_generation(number, {secrets.name(): secrets.content(3000 * number), "rendered/x.conf": "y=1\n"})
+    if current is not None:
+        store.link(current)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# check
+
+
+def test_check_healthy(store, scratch):
+    secrets = Secrets()
+    sops_layout(store, secrets)
+    used = sum(du_figures(store.generation_path(n))[1] for n in (3, 4, 5))
+    result = check(scratch, store_config(store, keep_generations=2, memory_budget_bytes=1 << 30))
+    assert result.returncode == 0, result.stdout + result.stderr
+    mp, fstype = store.mountpoint, findmnt_fstype(store.mountpoint)
+    lines = result.stdout.splitlines()
+    assert lines[0] == (
+        f"store {mp} ({fstype}): 3 generation(s), {used / 1024:.1f} KiB of a 1.0 GiB budget "
+        f"({100 * used / (1 << 30):.1f}%), current generation 4, symlink {store.symlink} ok"
+    )
+    # The pending generation is worth telling, not worth failing.
+    assert f"INFO: store {mp}: 1 generation(s) above the current one were written but never linked" in lines
+    assert not any(line.startswith(("CRITICAL", "WARNING")) for line in lines)
+    assert lines[-1] == "healthy"
+    assert secrets.leaked(result.stdout + result.stderr) == []
+
+
+def test_check_missing_store_is_not_a_problem(scratch):
+    mp = scratch / "secrets-for-users.d"
+    result = check(scratch, {"mountpoint": str(mp), "symlink": str(scratch / "secrets-for-users")})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines()[0] == (
+        f"store {mp}: not present (no secrets of this kind on this host, or sops-nix has not run)"
+    )
+    assert result.stdout.splitlines()[-1] == "healthy"
+
+
+def test_check_empty_store_without_symlink_is_healthy(store, scratch):
+    result = check(scratch, store_config(store))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 generation(s)" in result.stdout and f"symlink {store.symlink} missing" in result.stdout
+
+
+@pytest.mark.parametrize("target,state", [("pruned", "dangling"), ("outside", "outside"), ("missing", "missing")])
+def test_check_broken_symlink_with_generations(store, scratch, target, state):
+    secrets = Secrets()
+    linked_store(store, secrets, current=None)
+    if target == "pruned":
+        store.symlink.symlink_to(store.generation_path(9))
+    elif target == "outside":
+        (scratch / "old-secrets").mkdir()
+        store.symlink.symlink_to(scratch / "old-secrets")
+    result = check(scratch, store_config(store))
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    finding = lines.index(f"CRITICAL: store {store.mountpoint}: symlink {store.symlink} is {state}")
+    assert lines[finding + 1] == "  fix: re-run the activation (nixos-rebuild switch) so sops-nix links a generation"
+    assert "current generation none" in lines[0]
+    assert lines[-1] == "problems found"
+    assert secrets.leaked(result.stdout + result.stderr) == []
+
+
+def test_check_stacked_mount(store, scratch):
+    secrets = Secrets()
+    linked_store(store, secrets)
+    top = OTHER_FSTYPE[findmnt_fstype(store.mountpoint)]
+    mount(top, store.mountpoint, "mode=0751")
+    try:
+        linked_store(store, secrets, generations=(1, 2, 3), current=3)
+        result = check(scratch, store_config(store))
+    finally:
+        umount(store.mountpoint)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"store {store.mountpoint} ({top}): 3 generation(s)")
+    assert (
+        f"WARNING: store {store.mountpoint}: 2 filesystems are mounted on it; the lower ones still hold memory"
+        in lines
+    )
+    assert lines[-1] == "problems found"
+
+
+@pytest.mark.parametrize(
+    "budget,expected",
+    [
+        (lambda used: used - 1, "over"),
+        (lambda used: used, "over"),  # at the budget is over it
+        (lambda used: int(used / 0.85), "near"),
+        (lambda used: used * 2, "healthy"),
+        (lambda used: 0, "healthy"),  # a zero budget is no budget
+    ],
+    ids=["over", "at", "near", "under", "zero"],
+)
+def test_check_memory_budget(store, scratch, budget, expected):
+    secrets = Secrets()
+    linked_store(store, secrets, generations=(1, 2, 3), current=3)
+    used = du_figures(store.mountpoint)[1]
+    assert used == 3 * 4096 + 4096 + 8192 + 12288  # x.conf in each, and 3000/6000/9000-byte secrets
+    limit = budget(used)
+    result = check(scratch, store_config(store, memory_budget_bytes=limit))
+    lines = result.stdout.splitlines()
+    mp = store.mountpoint
+    if expected == "over":
+        assert result.returncode == 1
+        assert f"CRITICAL: store {mp}: its generations hold {used} bytes, at or over the budget of {limit} bytes" in lines
+    elif expected == "near":
+        assert result.returncode == 1
+        assert f"WARNING: store {mp}: its generations hold {used} bytes, 85% of the budget of {limit} bytes" in lines
+    else:
+        assert result.returncode == 0, result.stdout
+        assert "budget of" not in result.stdout and lines[-1] == "healthy"
+
+
+def test_check_store_on_a_disk_filesystem(scratch):
+    """A mount point that is a plain directory (sops-nix's ramfs not mounted) puts secrets on that disk."""
+    fstype = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "-T", str(scratch)], capture_output=True, text=True).stdout
+    fstype = fstype.strip()
+    if fstype in ("ramfs", "tmpfs", ""):
+        pytest.skip(f"the temporary directory is on {fstype or 'an unknown filesystem'}, not a disk")
+    store = SopsStore(scratch / "secrets.d", scratch / "secrets")
+    store.mountpoint.mkdir()
+    linked_store(store, Secrets())
+    result = check(scratch, store_config(store))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert (
+        f"WARNING: store {store.mountpoint} is on {fstype}, not ramfs or tmpfs: its secrets may be written to disk"
+        in result.stdout.splitlines()
+    )
+
+
+def test_check_mountpoint_not_a_directory(scratch):
+    (scratch / "secrets.d").write_text("")
+    result = check(scratch, {"mountpoint": str(scratch / "secrets.d"), "symlink": str(scratch / "secrets")})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"CRITICAL: store {scratch / 'secrets.d'} cannot be listed (not_a_directory)" in result.stdout
+
+
+def test_check_configuration_error(scratch):
+    config = scratch / "config.yml"
+    config.write_text("stores:\n  - mountpoint: /run/secrets.d\n    symlink: /run/secrets\n    keep_generations: -1\n")
+    result = run_cli("check", f"--config.file={config}")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "stores[0].keep_generations" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Permission denied, as an unprivileged user
+
+
+@pytest.fixture
+def as_nobody(require_root):
+    """run(*args) runs `python -m exporter ARGS` as nobody with no capabilities at all."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv not installed (Debian package util-linux)")
+    probe = subprocess.run([*SETPRIV, sys.executable, "-c", "import exporter.cli"], cwd=ROOT, capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"the venv python {sys.executable} is not usable by nobody: {probe.stderr.strip()[-300:]}")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*SETPRIV, sys.executable, "-m", "exporter", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+
+    return run
+
+
+def readable_by_nobody(store: SopsStore, scratch: Path) -> Path:
+    """The store as sops-nix sets it up for the keys group (here nobody's group), and a directory nobody may
+    write the text file into."""
+    scratch.chmod(0o755)
+    os.chown(store.mountpoint, 0, NOBODY)
+    store.mountpoint.chmod(0o750)
+    output = scratch / "textfile"
+    output.mkdir()
+    os.chown(output, NOBODY, NOBODY)
+    return output
+
+
+def test_permission_denied_on_a_generation(store, scratch, as_nobody, promtool_check):
+    secrets = Secrets()
+    linked_store(store, secrets)
+    output = readable_by_nobody(store, scratch)
+    for number in (1, 2):
+        for directory in [store.generation_path(number), *store.generation_path(number).rglob("*")]:
+            if directory.is_dir():
+                os.chown(directory, 0, NOBODY)
+    store.generation_path(2).chmod(0o700)  # the current generation is closed to the exporter
+    config = write_config(scratch, config_data(store_config(store, memory_budget_bytes=1 << 30)))
+    mp = str(store.mountpoint)
+
+    result = as_nobody("check", f"--config.file={config}")
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"store {mp} (") and "2 generation(s)" in lines[0] and "current generation 2" in lines[0]
+    finding = lines.index(
+        f"WARNING: store {mp}: 1 part(s) could not be read (permission_denied); byte counts are a lower bound"
+    )
+    assert lines[finding + 1] == "  fix: run the exporter in the keys group, or grant CAP_DAC_READ_SEARCH"
+    assert secrets.leaked(result.stdout + result.stderr) == []
+
+    prom = output / "sops-nix.prom"
+    result = as_nobody("textfile", f"--config.file={config}", f"--output={prom}", "--log.level=debug")
+    assert result.returncode == 0, result.stderr
+    text = prom.read_text()
+    promtool_check(text)
+    assert os.stat(prom).st_uid == NOBODY
+    assert value(text, "sopsnix_store_up", mountpoint=mp) == 1
+    assert value(text, "sopsnix_generations", mountpoint=mp) == 2
+    assert value(text, "sopsnix_current_generation", mountpoint=mp) == 2
+    assert value(text, "sopsnix_store_scan_errors", mountpoint=mp, reason="permission_denied") == 1
+    # What could be read is counted; the closed generation counts nothing (a lower bound, as check says).
+    assert value(text, "sopsnix_generations_bytes", mountpoint=mp) == du_figures(store.generation_path(1))[1] > 0
+    assert value(text, "sopsnix_current_generation_bytes", mountpoint=mp) == 0
+    assert value(text, "sopsnix_exporter_capability", capability="CAP_DAC_READ_SEARCH") == 0
+    assert secrets.leaked(text + result.stderr) == []
+
+
+def test_permission_denied_on_the_mount_point(store, scratch, as_nobody):
+    secrets = Secrets()
+    linked_store(store, secrets)
+    output = readable_by_nobody(store, scratch)
+    store.mountpoint.chmod(0o700)
+    config = write_config(scratch, config_data(store_config(store)))
+    mp = str(store.mountpoint)
+    result = as_nobody("check", f"--config.file={config}")
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"store {mp}: cannot be listed (permission_denied)"
+    finding = lines.index(f"CRITICAL: store {mp} cannot be listed (permission_denied)")
+    assert lines[finding + 1] == "  fix: run the exporter in the keys group, or grant CAP_DAC_READ_SEARCH"
+
+    prom = output / "sops-nix.prom"
+    result = as_nobody("textfile", f"--config.file={config}", f"--output={prom}")
+    assert result.returncode == 0, result.stderr
+    text = prom.read_text()
+    assert value(text, "sopsnix_store_up", mountpoint=mp) == 0
+    assert value(text, "sopsnix_generations", mountpoint=mp) is None
+    assert secrets.leaked(text + result.stderr) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# textfile
+
+
+def test_textfile_output(store, scratch, promtool_check):
+    secrets = Secrets()
+    sops_layout(store, secrets)
+    config = write_config(scratch, config_data(store_config(store, keep_generations=2)))
+    directory = scratch / "node-exporter-textfiles"
+    directory.mkdir()
+    output = directory / "sops-nix.prom"
+    output.write_text("# an older scrape\nsopsnix_store_up 0\n")
+    old_inode = os.stat(output).st_ino
+
+    result = run_cli("textfile", f"--config.file={config}", f"--output={output}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert sorted(os.listdir(directory)) == ["sops-nix.prom"]  # no temporary file left behind
+    st = os.stat(output)
+    assert st.st_ino != old_inode  # replaced by a rename, not rewritten in place
+    assert st.st_mode & 0o777 == 0o644
+    text = output.read_text()
+    promtool_check(text)
+    names = {name for name, _ in samples(text)}
+    assert not [n for n in names if n.startswith(("process_", "python_"))], names
+    mp = str(store.mountpoint)
+    assert value(text, "sopsnix_generations", mountpoint=mp) == 3
+    assert value(text, "sopsnix_generations_bytes", mountpoint=mp) == sum(
+        du_figures(store.generation_path(n))[1] for n in (3, 4, 5)
+    )
+    assert value(text, "sopsnix_scrape_collector_success", collector="stores") == 1
+    assert series(text, "sopsnix_exporter_build_info")[0]["version"] == __version__
+    assert secrets.leaked(text + result.stderr) == []
+
+
+def test_textfile_is_written_by_rename(store, scratch):
+    """Traced with strace(1): the final path is never opened, only renamed onto, from a name the textfile
+    collector ignores (it reads *.prom only)."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace not installed (Debian package strace)")
+    linked_store(store, Secrets())
+    config = write_config(scratch, config_data(store_config(store)))
+    output = scratch / "sops-nix.prom"
+    trace = scratch / "trace"
+    result = subprocess.run(
+        [strace, "-f", "-qq", "-s", "4096", "-e", "trace=open,openat,creat,rename,renameat,renameat2", "-o", str(trace),
+         sys.executable, "-m", "exporter", "textfile", f"--config.file={config}", f"--output={output}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    if result.returncode != 0 and "ptrace" in result.stderr:
+        pytest.skip(f"strace cannot trace here: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stderr
+    calls = [line for line in trace.read_text().splitlines() if str(scratch) in line and "config.yml" not in line]
+    opened = [line for line in calls if re.search(r"open(at)?\(", line)]
+    renamed = [line for line in calls if "rename" in line]
+    assert len(renamed) == 1, calls
+    source = re.search(r'"([^"]+)"', renamed[0]).group(1)
+    assert f'"{output}"' in renamed[0] and source != str(output)
+    assert not source.endswith(".prom")
+    assert [line for line in opened if f'"{output}"' in line] == []
+    assert len([line for line in opened if f'"{source}"' in line and "O_CREAT" in line]) == 1
+    assert not os.path.exists(source)
+
+
+@pytest.mark.parametrize("where", ["directory", "no_such_directory"])
+def test_textfile_failure_leaves_nothing_behind(scratch, where):
+    config = write_config(scratch, config_data())
+    directory = scratch / "out"
+    directory.mkdir()
+    output = directory / "sops-nix.prom"
+    if where == "directory":
+        output.mkdir()  # the rename onto it fails after the temporary file was written
+    else:
+        output = directory / "missing" / "sops-nix.prom"
+    result = run_cli("textfile", f"--config.file={config}", f"--output={output}")
+    assert result.returncode == 1
+    assert f"cannot write {output}" in result.stderr
+    assert sorted(os.listdir(directory)) == (["sops-nix.prom"] if where == "directory" else [])
+    if where == "directory":
+        assert os.listdir(output) == []
+
+
+def test_textfile_requires_output(scratch):
+    result = run_cli("textfile", f"--config.file={write_config(scratch, config_data())}")
+    assert result.returncode == 2
+    assert "--output" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logging and usage
+
+
+def test_log_format_json(store, scratch):
+    secrets = Secrets()
+    linked_store(store, secrets, current=None)
+    store.symlink.symlink_to(store.generation_path(7))
+    result = check(scratch, store_config(store), flags=("--log.format=json", "--log.level=debug"))
+    assert result.returncode == 1
+    records = [json.loads(line) for line in result.stderr.splitlines()]  # every line is one JSON object
+    assert records, "nothing was logged"
+    for record in records:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", record["ts"]), record
+        assert record["level"] in ("debug", "info", "warn", "error")
+    dangling = [r for r in records if r["msg"] == f"store {store.mountpoint}: symlink {store.symlink} is dangling"]
+    assert len(dangling) == 1 and dangling[0]["level"] == "error"  # a critical finding
+    assert dangling[0]["hint"].startswith("re-run the activation")
+    assert secrets.leaked(result.stderr + result.stdout) == []
+
+
+def test_log_format_logfmt_is_the_default(store, scratch):
+    linked_store(store, Secrets(), current=None)
+    store.symlink.symlink_to(store.generation_path(7))
+    result = check(scratch, store_config(store))
+    lines = result.stderr.splitlines()
+    assert lines
+    for line in lines:
+        assert re.match(r'ts=\S+ level=(debug|info|warn|error) msg=("([^"\\]|\\.)*"|\S+)( |$)', line), line
+    expected = f'level=error msg="store {store.mountpoint}: symlink {store.symlink} is dangling"'
+    assert len([line for line in lines if expected in line]) == 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["frobnicate"], ["check", "--no-such-flag"], ["check", "--log.format=xml"], ["check", "--log.level=loud"]],
+    ids=["unknown-command", "unknown-flag", "bad-log-format", "bad-log-level"],
+)
+def test_usage_errors_exit_2(args):
+    result = run_cli(*args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "error:" in result.stderr and result.stdout == ""
+
+
+def test_version():
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"sops-nix-exporter {__version__}"
