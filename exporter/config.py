@@ -63,7 +63,8 @@ def default_stores() -> list[StoreConfig]:
 
 class Config(_Strict):
     stores: list[StoreConfig] = Field(default_factory=default_stores)
-    memory_budget_ratio: Annotated[float, Field(gt=0, le=1)] = DEFAULT_MEMORY_BUDGET_RATIO
+    # strict, like the integers: a quoted "0.5" or a YAML true is a mistake, not a number.
+    memory_budget_ratio: Annotated[float, Field(gt=0, le=1, strict=True)] = DEFAULT_MEMORY_BUDGET_RATIO
     microvm: MicrovmConfig = Field(default_factory=MicrovmConfig)
 
     @field_validator("stores")
