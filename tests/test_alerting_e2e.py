@@ -1,0 +1,199 @@
+"""Issue 5 end to end: the real exporter, a real Prometheus with the rules, a real Alertmanager with the
+example routing, and a webhook receiver in the test that sees what an operator's pager would see.
+
+Two things differ from production, both to keep the test short, neither in what is being tested:
+- the rules are rendered by alerts/build.py with --for-scale=1/60, so a `for: 1m` waits one second (and
+  are loaded once the exporter has been scraped, since a scaled `for: 5m` is shorter than Prometheus's
+  wait before a new target's first scrape);
+- the Alertmanager configuration is a copy of alerts/alertmanager.example.yml whose receiver URLs point at
+  the test's webhook and whose group_wait/group_interval are one second. Routes, receivers, grouping and
+  inhibit rules are the example's, unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from promstack import Alertmanager, Prometheus, WebhookReceiver
+from sopsnix import SAMPLE_SECRETS
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "alerts" / "alertmanager.example.yml"
+
+pytestmark = pytest.mark.slow
+
+
+def load_build():
+    spec = importlib.util.spec_from_file_location("alerts_build", ROOT / "alerts" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build = load_build()
+
+
+def alertmanager_test_copy(directory: Path, hook: WebhookReceiver) -> Path:
+    """The example routing with every webhook pointed at `hook` (one path per receiver) and short timers."""
+    config = yaml.safe_load(EXAMPLE.read_text())
+    for receiver in config["receivers"]:
+        for webhook in receiver.get("webhook_configs", []):
+            webhook["url"] = hook.url_for(receiver["name"])
+    config["route"]["group_wait"] = "1s"
+    config["route"]["group_interval"] = "1s"
+    path = directory / "alertmanager.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def post_alerts(alertmanager: Alertmanager, alerts: list[dict]) -> None:
+    """Hand alerts to Alertmanager the way Prometheus does (API v2)."""
+    response = requests.post(f"{alertmanager.url}/api/v2/alerts", json=alerts, timeout=10)
+    response.raise_for_status()
+
+
+def named(name: str, **labels: str):
+    def matches(alert: dict) -> bool:
+        return alert["labels"].get("alertname") == name and all(alert["labels"].get(k) == v for k, v in labels.items())
+
+    return matches
+
+
+def test_deleted_generation_pages_through_alertmanager_and_resolves_after_restart(
+    make_store, pinners, scratch, exporter_process
+):
+    store = make_store("ramfs")
+    state_dir = scratch / "microvms"
+    mountpoint = str(store.mountpoint)
+    store.switch(SAMPLE_SECRETS, keep_generations=1)  # generation 1
+    virtiofsd = pinners(source=store.symlink, vm="vm1", tag="secrets", state_dir=state_dir)  # microvm@vm1 serves it
+    store.switch({"db-password": "rotated\n"}, keep_generations=1)  # generation 2 linked, 1 deleted under vm1
+
+    exporter = exporter_process(
+        {
+            "stores": [{"mountpoint": mountpoint, "symlink": str(store.symlink), "keep_generations": 1}],
+            "microvm": {"state_dir": str(state_dir)},
+        }
+    )
+    instance = exporter.url.removeprefix("http://")
+    rules = scratch / "sops-nix.rules.yml"
+    rules.write_text(build.render(for_scale=1 / 60))
+
+    with WebhookReceiver() as hook:
+        config = alertmanager_test_copy(scratch, hook)
+        with Alertmanager.start(scratch, config) as alertmanager, Prometheus.start(
+            scratch, [instance], alertmanager_url=alertmanager.url
+        ) as prometheus:
+            prometheus.wait_for(f'sopsnix_vm_serving_deleted_generation{{vm="vm1",mountpoint="{mountpoint}"}} == 1')
+            # Rules only once the target is scraped: scaled down, SopsNixExporterDown's `for: 5m` is 5s,
+            # no longer than Prometheus takes to hand a new scrape target its first scrape.
+            prometheus.load_rules([rules])
+
+            alert = hook.wait_for(named("SopsNixVMServingDeletedGeneration"), name="page", timeout=60)
+            assert alert["status"] == "firing"
+            assert alert["labels"] == {
+                "alertname": "SopsNixVMServingDeletedGeneration",
+                "severity": "critical",
+                "instance": instance,
+                "job": "sops-nix",
+                "vm": "vm1",
+                "share": "secrets",
+                "mountpoint": mountpoint,
+            }
+            annotations = alert["annotations"]
+            assert annotations["summary"] == "VM vm1 serves a deleted secrets generation: its secrets directory is empty"
+            assert annotations["description"].startswith(
+                f"The virtiofsd of share secrets of VM vm1 on {instance} still serves generation 1 of {mountpoint}, "
+                "which has been deleted; the store's current generation is 2. "
+            ), annotations["description"]
+            assert "Restart microvm@vm1" in annotations["description"]
+            assert annotations["runbook_url"] == f"{build.DEFAULT_RUNBOOK_BASE}#sopsnixvmservingdeletedgeneration"
+            (page,) = [p for p in hook.payloads("page") if alert in p["alerts"]]
+            assert page["receiver"] == "page"
+            assert page["groupLabels"] == {"instance": instance, "vm": "vm1"}
+
+            # The fix the runbook gives: restart the VM's virtiofsd, which then serves the current generation.
+            vm_started = time.monotonic()
+            virtiofsd.stop()
+            pinners(source=store.symlink, vm="vm1", tag="secrets", state_dir=state_dir)
+            resolved = hook.wait_for(
+                lambda a: named("SopsNixVMServingDeletedGeneration")(a) and a["status"] == "resolved",
+                name="page",
+                timeout=60,
+            )
+            assert resolved["labels"] == alert["labels"]
+            assert time.monotonic() - vm_started < 60
+
+        # Nothing else paged, and no staleness ticket for a share whose generation is gone.
+        paged = {a["labels"]["alertname"] for a in hook.alerts("page")}
+        assert paged == {"SopsNixVMServingDeletedGeneration"}, hook.alerts("page")
+        ticketed = {a["labels"]["alertname"] for a in hook.alerts("ticket")}
+        assert "SopsNixVMServingStaleGeneration" not in ticketed, hook.alerts("ticket")
+        assert not hook.payloads("drop")
+
+
+def test_example_routing_pages_tickets_drops_and_inhibits(scratch):
+    host = "host1:9785"
+    share = {"instance": host, "job": "sops-nix", "mountpoint": "/run/secrets.d", "share": "secrets"}
+
+    def alert(name: str, severity: str, **labels: str) -> dict:
+        return {
+            "labels": {"alertname": name, "severity": severity, **labels},
+            "annotations": {"summary": name, "description": name, "runbook_url": f"https://runbooks/#{name.lower()}"},
+        }
+
+    with WebhookReceiver() as hook:
+        with Alertmanager.start(scratch, alertmanager_test_copy(scratch, hook)) as alertmanager:
+            post_alerts(
+                alertmanager,
+                [
+                    alert("SopsNixVMServingDeletedGeneration", "critical", vm="vm1", **share),
+                    alert("SopsNixVMSecretsPrunedOnNextSwitch", "warning", vm="vm3", **share),
+                    alert("SopsNixPendingGeneration", "info", instance=host, mountpoint="/run/secrets.d"),
+                ],
+            )
+            post_alerts(
+                alertmanager,
+                [
+                    # Same share as the deleted generation: inhibited. Another VM's share: a ticket.
+                    alert("SopsNixVMServingStaleGeneration", "warning", vm="vm1", **share),
+                    alert("SopsNixVMServingStaleGeneration", "warning", vm="vm2", **share),
+                ],
+            )
+
+            hook.wait_for(named("SopsNixVMServingDeletedGeneration", vm="vm1"), name="page", timeout=30)
+            hook.wait_for(named("SopsNixVMSecretsPrunedOnNextSwitch", vm="vm3"), name="ticket", timeout=30)
+            hook.wait_for(named("SopsNixVMServingStaleGeneration", vm="vm2"), name="ticket", timeout=30)
+
+            # What Alertmanager decided for each alert, not only what happened to arrive so far.
+            state = {
+                (a["labels"]["alertname"], a["labels"].get("vm")): a for a in alertmanager.alerts(inhibited="true")
+            }
+            stale_vm1 = state[("SopsNixVMServingStaleGeneration", "vm1")]
+            assert stale_vm1["status"]["state"] == "suppressed"
+            assert stale_vm1["status"]["inhibitedBy"], stale_vm1
+            assert not state[("SopsNixVMServingStaleGeneration", "vm2")]["status"]["inhibitedBy"]
+            assert [r["name"] for r in state[("SopsNixPendingGeneration", None)]["receivers"]] == ["drop"]
+            assert [r["name"] for r in state[("SopsNixVMServingDeletedGeneration", "vm1")]["receivers"]] == ["page"]
+
+            # Give a wrongly routed or uninhibited notification the time to arrive: group_wait is 1s.
+            time.sleep(3)
+
+    assert {(a["labels"]["alertname"], a["labels"]["vm"]) for a in hook.alerts("page")} == {
+        ("SopsNixVMServingDeletedGeneration", "vm1")
+    }
+    assert {(a["labels"]["alertname"], a["labels"]["vm"]) for a in hook.alerts("ticket")} == {
+        ("SopsNixVMSecretsPrunedOnNextSwitch", "vm3"),
+        ("SopsNixVMServingStaleGeneration", "vm2"),
+    }
+    assert not hook.payloads("drop")
+    # Grouped by host and VM: one notification per VM, never one for two VMs.
+    for payload in hook.payloads():
+        assert set(payload["groupLabels"]) == {"instance", "vm"}
+        assert len({a["labels"]["vm"] for a in payload["alerts"]}) == 1
