@@ -1,0 +1,225 @@
+# NixOS module: services.sops-nix-exporter.
+#
+# The systemd unit, the command line and the configuration document come from service.nix and
+# settings.nix, which need no nixpkgs; this file declares the options and wires them together.
+{
+  config,
+  lib,
+  options,
+  pkgs,
+  ...
+}:
+
+let
+  inherit (lib) mkOption types literalExpression;
+
+  cfg = config.services.sops-nix-exporter;
+  unit = import ./service.nix;
+  configuration = import ./settings.nix;
+  repo = import ./repo.nix;
+  format = pkgs.formats.yaml { };
+
+  # Guards, so the module also evaluates on hosts that import neither sops-nix nor microvm.nix.
+  sopsImported = options ? sops;
+  microvmHostImported = options ? microvm && options.microvm ? stateDir;
+
+  # With sops-nix's systemd activation these units install the secrets at boot; without it an
+  # activation script does, before any service starts, and there is nothing to order after.
+  secretsUnits = lib.optionals sopsImported (
+    lib.filter (name: config.systemd.services ? ${name}) [
+      "sops-install-secrets"
+      "sops-install-secrets-for-users"
+    ]
+  );
+
+  absolutePath = types.strMatching "/.*";
+
+  storeOptions = {
+    options = {
+      mountpoint = mkOption {
+        type = absolutePath;
+        description = "The mount point holding the numbered generation directories.";
+      };
+      symlink = mkOption {
+        type = absolutePath;
+        description = "The symlink sops-nix points at the current generation.";
+      };
+      keep_generations = mkOption {
+        type = types.nullOr types.ints.unsigned;
+        default = null;
+        description = ''
+          sops-nix's `keepGenerations` for this store (0 keeps every generation). Unset, the
+          exporter cannot predict which VM share the next switch will empty.
+        '';
+      };
+      memory_budget_bytes = mkOption {
+        type = types.nullOr types.ints.unsigned;
+        default = null;
+        description = "Memory this store may hold; unset, {option}`services.sops-nix-exporter.memoryBudget` applies.";
+      };
+    };
+  };
+
+  configFile = format.generate "sops-nix-exporter.yml" (
+    configuration.document { inherit (cfg) settings memoryBudget; }
+  );
+in
+{
+  options.services.sops-nix-exporter = {
+    enable = lib.mkEnableOption "the Prometheus exporter for sops-nix secrets generations and VM shares";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.sops-nix-exporter or (pkgs.callPackage ./package.nix { });
+      defaultText = literalExpression "pkgs.sops-nix-exporter or (pkgs.callPackage ./nix/package.nix { })";
+      description = "The exporter package.";
+    };
+
+    port = mkOption {
+      type = types.port;
+      default = 9785;
+      description = "TCP port of /metrics.";
+    };
+
+    listenAddress = mkOption {
+      type = types.str;
+      default = "";
+      example = "127.0.0.1";
+      description = ''
+        Address to listen on. Empty means every IPv4 and IPv6 address; an IPv6 address is written
+        without brackets.
+      '';
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Open {option}`services.sops-nix-exporter.port` in the firewall.";
+    };
+
+    settings = mkOption {
+      default = { };
+      description = ''
+        The exporter's configuration, written to a YAML file (see docs/deployment.md). Keys the
+        module does not declare are passed through, for options of newer exporter versions.
+      '';
+      type = types.submodule {
+        freeformType = format.type;
+        options = {
+          stores = mkOption {
+            type = types.listOf (types.submodule storeOptions);
+            default = configuration.defaultStores (if sopsImported then config.sops else null);
+            defaultText = literalExpression ''
+              # with sops-nix's module imported:
+              [ { mountpoint = "/run/secrets.d"; symlink = "/run/secrets"; keep_generations = config.sops.keepGenerations; } ]
+              # plus, when any secret sets neededForUsers:
+              ++ [ { mountpoint = "/run/secrets-for-users.d"; symlink = "/run/secrets-for-users"; keep_generations = config.sops.keepGenerations; } ]
+              # without sops-nix: both stores, keep_generations unset
+            '';
+            description = "The sops-nix stores to watch; by default those sops-nix manages on this host.";
+          };
+          memory_budget_ratio = mkOption {
+            type = types.nullOr (types.addCheck types.number (ratio: ratio > 0 && ratio <= 1));
+            default = null;
+            example = 0.02;
+            description = ''
+              Share of the host's memory a store may hold, for stores without a budget in bytes.
+              Unset, the exporter's default (0.01) applies.
+            '';
+          };
+          microvm.state_dir = mkOption {
+            type = absolutePath;
+            default = cfg.microvmStateDir;
+            defaultText = literalExpression "config.services.sops-nix-exporter.microvmStateDir";
+            description = "microvm.nix's state directory, where the declared VM shares are found.";
+          };
+        };
+      };
+    };
+
+    memoryBudget = mkOption {
+      type = types.nullOr types.ints.unsigned;
+      default = null;
+      example = literalExpression "64 * 1024 * 1024";
+      description = ''
+        Bytes of memory each store may hold before the budget alerts fire, for every store that
+        sets no `memory_budget_bytes` of its own. Unset, the budget is `memory_budget_ratio` of
+        the host's memory.
+      '';
+    };
+
+    microvmStateDir = mkOption {
+      type = absolutePath;
+      default = if microvmHostImported then toString config.microvm.stateDir else "/var/lib/microvms";
+      defaultText = literalExpression ''config.microvm.stateDir (with microvm.nix's host module), else "/var/lib/microvms"'';
+      description = "Where microvm.nix keeps its VMs; the exporter reads the declared shares there.";
+    };
+
+    webConfigFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = literalExpression ''config.sops.secrets."sops-nix-exporter/web.yml".path'';
+      description = ''
+        Web configuration in the format Prometheus exporters share (TLS certificate and key,
+        basic-auth users with bcrypt hashes), passed as `--web.config.file`. It must be readable
+        by the user `sops-nix-exporter`. A path literal is copied into the world-readable Nix
+        store: for anything secret, give a sops-nix secret with `owner = "sops-nix-exporter"`.
+      '';
+    };
+
+    extraFlags = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [
+        "--log.level=debug"
+        "--log.format=json"
+      ];
+      description = "Further command-line flags of `sops-nix-exporter serve`.";
+    };
+
+    dashboards = mkOption {
+      type = types.path;
+      readOnly = true;
+      default = repo.dashboards;
+      defaultText = literalExpression "the grafana/dashboards/*.json of this repository";
+      description = ''
+        Grafana dashboards, for a file provider:
+        `services.grafana.provision.dashboards.settings.providers = [ { name = "sops-nix"; options.path = config.services.sops-nix-exporter.dashboards; } ];`
+        Set whether or not the exporter is enabled on this host.
+      '';
+    };
+
+    ruleFiles = mkOption {
+      type = types.listOf types.path;
+      readOnly = true;
+      default = repo.ruleFiles;
+      defaultText = literalExpression "the alerts/*.rules.yml of this repository";
+      description = ''
+        Prometheus alerting and recording rules:
+        `services.prometheus.ruleFiles = config.services.sops-nix-exporter.ruleFiles;`
+        They expect the scrape job to be named `sops-nix`.
+      '';
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    users.users.${unit.user} = {
+      isSystemUser = true;
+      group = unit.user;
+      description = "sops-nix exporter";
+    };
+    users.groups.${unit.user} = { };
+
+    networking.firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall [ cfg.port ];
+
+    systemd.services.sops-nix-exporter = unit.service {
+      command = unit.command {
+        executable = lib.getExe cfg.package;
+        inherit configFile;
+        inherit (cfg) webConfigFile extraFlags;
+        listenAddress = unit.listenAddress cfg.listenAddress cfg.port;
+      };
+      after = map (name: "${name}.service") secretsUnits;
+    };
+  };
+}

@@ -1,0 +1,407 @@
+"""The Nix packaging and the systemd unit, checked as far as a machine without nixpkgs can.
+
+Debian's nix-bin parses every .nix file and evaluates the parts written with builtins alone: the unit's
+settings and the command line (nix/service.nix), the configuration document (nix/settings.nix) and what
+the Nix files take from the repository (nix/repo.nix). Their results go through the exporter's own
+validator and argument parser, the documented unit is compared with the settings Nix sets, Debian's
+systemd verifies and rates that unit, and strace shows the real exporter staying inside its system-call
+filter. The module under the NixOS module system, the package build and the NixOS VM test need nixpkgs:
+`nix flake check` runs them where it can be fetched (docs/deployment.md, "What is checked, and where").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import free_port, write_config
+from exporter import __version__
+from exporter.cli import parse_args
+from exporter.config import parse_config
+from exporter.web import parse_listen_address
+from sopsnix import SAMPLE_SECRETS
+
+ROOT = Path(__file__).resolve().parent.parent
+NIX = ROOT / "nix"
+DEPLOYMENT = ROOT / "docs" / "deployment.md"
+
+sys.path.insert(0, str(NIX))
+import unit_check  # noqa: E402
+
+NIX_FILES = sorted([ROOT / "flake.nix", *NIX.glob("*.nix")])
+THE_CAPABILITIES = {"CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"}
+
+
+def tool(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} not installed (Debian package {package}); run scripts/test")
+    return path
+
+
+def nix_eval(expression: str):
+    """Strict evaluation with builtins only: no nixpkgs, no channel, nothing written to the Nix store."""
+    nix_instantiate = tool("nix-instantiate", "nix-bin")
+    result = subprocess.run(
+        [nix_instantiate, "--eval", "--strict", "--json", "--readonly-mode", "-E", expression],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "NIX_PATH": ""},
+    )  # fmt: skip
+    assert result.returncode == 0, f"nix-instantiate --eval failed:\n{result.stderr}"
+    return json.loads(result.stdout)
+
+
+def nix_string(value) -> str:
+    return json.dumps(value)  # a JSON string literal is a Nix string literal when it has no ${
+
+
+def nix_value(value) -> str:
+    """A Python value written as a Nix expression (JSON is close enough: builtins.fromJSON reads it)."""
+    return f"(builtins.fromJSON {nix_string(json.dumps(value))})"
+
+
+def unit_values() -> dict:
+    return nix_eval("let unit = import ./nix/service.nix; in { inherit (unit) capabilities user serviceConfig; }")
+
+
+# --- every file parses ------------------------------------------------------------------------------
+
+
+def test_the_nix_files_are_all_there():
+    names = {path.relative_to(ROOT).as_posix() for path in NIX_FILES}
+    assert {"flake.nix", "nix/module.nix", "nix/package.nix", "nix/service.nix", "nix/settings.nix",
+            "nix/repo.nix", "nix/nixos-test.nix"} <= names  # fmt: skip
+
+
+@pytest.mark.parametrize("path", NIX_FILES, ids=[p.relative_to(ROOT).as_posix() for p in NIX_FILES])
+def test_nix_file_parses(path):
+    nix_instantiate = tool("nix-instantiate", "nix-bin")
+    result = subprocess.run([nix_instantiate, "--parse", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"{path.name} does not parse:\n{result.stderr}"
+
+
+# --- the unit: one set of settings, documented and set -------------------------------------------------
+
+
+def test_the_capabilities_are_named_once_and_are_the_two_the_exporter_needs():
+    unit = unit_values()
+    assert set(unit["capabilities"]) == THE_CAPABILITIES
+    service = unit["serviceConfig"]
+    assert service["AmbientCapabilities"].split() == unit["capabilities"]
+    assert service["CapabilityBoundingSet"].split() == unit["capabilities"]
+
+
+def test_documented_unit_sets_exactly_what_the_module_sets():
+    documented = unit_check.parse_unit(unit_check.documented_unit(DEPLOYMENT.read_text()))["Service"]
+    rendered = unit_check.render_service(unit_values()["serviceConfig"])
+    assert unit_check.difference(documented, rendered) == []
+    # Nothing may be documented twice with different values (a repeated key accumulates in systemd).
+    assert len(documented) - sum(1 for key, _ in documented if key in unit_check.NOT_COMPARED) == len(rendered)
+
+
+def test_module_takes_every_service_setting_from_service_nix():
+    """The two tests above speak for the module only if it adds no systemd setting of its own."""
+    module = (NIX / "module.nix").read_text()
+    assert "import ./service.nix" in module
+    assert "systemd.services.sops-nix-exporter = unit.service {" in module
+    assert "serviceConfig" not in module
+
+
+def test_module_declares_the_options_of_the_issue():
+    module = (NIX / "module.nix").read_text()
+    declared = set(re.findall(r"^    ([A-Za-z]+) = (?:mkOption|lib\.mkEnableOption)", module, re.M))
+    assert declared == {
+        "enable", "package", "port", "listenAddress", "openFirewall", "settings", "memoryBudget",
+        "microvmStateDir", "webConfigFile", "extraFlags", "dashboards", "ruleFiles",
+    }  # fmt: skip
+
+
+def test_hardening_hides_nothing_the_exporter_reads():
+    service = unit_values()["serviceConfig"]
+    # Each of these would hide virtiofsd processes, /proc/meminfo, the stores or the host's identities.
+    for key in ("ProtectProc", "ProcSubset", "PrivateUsers", "PrivateNetwork", "DynamicUser", "RootDirectory",
+                "InaccessiblePaths", "TemporaryFileSystem", "BindPaths", "BindReadOnlyPaths", "IPAddressDeny"):  # fmt: skip
+        assert key not in service, f"{key} is set: see docs/deployment.md, 'Settings left out on purpose'"
+    assert service["ProtectSystem"] == "strict"  # read-only, /run included, nothing hidden
+    assert "AF_UNIX" in service["RestrictAddressFamilies"].split()
+
+
+def test_documented_unit_passes_systemd_analyze(scratch):
+    systemd_analyze = tool("systemd-analyze", "systemd")
+    executable = Path(sys.executable).parent / "sops-nix-exporter"
+    if not executable.exists():
+        pytest.skip(f"{executable} missing: install the package into the venv (pip install -e .)")
+    text = unit_check.documented_unit(DEPLOYMENT.read_text())
+    text = text.replace("/opt/sops-nix-exporter/bin/sops-nix-exporter", str(executable))
+    unit = scratch / "sops-nix-exporter.service"
+    unit.write_text(text)
+
+    verify = subprocess.run([systemd_analyze, "verify", "--man=no", str(unit)], capture_output=True, text=True)
+    assert verify.returncode == 0 and unit.name not in verify.stderr, verify.stderr
+
+    # systemd's exposure score, 0 (sealed) to 10 (exposed); --threshold is in tenths.
+    security = subprocess.run(
+        [systemd_analyze, "security", "--offline=true", "--threshold=25", "--no-pager", str(unit)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert security.returncode == 0, f"exposure above 2.5:\n{security.stdout}{security.stderr}"
+
+
+def test_nix_rendered_command_line_is_read_by_systemd(scratch):
+    """ExecStart as service.nix writes it (quoted, % and $ doubled) names the executable systemd runs."""
+    systemd_analyze = tool("systemd-analyze", "systemd")
+    executable = Path(sys.executable).parent / "sops-nix-exporter"
+    if not executable.exists():
+        pytest.skip(f"{executable} missing: install the package into the venv (pip install -e .)")
+    service = nix_eval(
+        f"""let unit = import ./nix/service.nix; in unit.service {{
+              command = unit.command {{ executable = {nix_string(str(executable))};
+                configFile = "/etc/sops nix exporter/100% $HOME.yml"; listenAddress = unit.listenAddress "::1" 9785; }};
+              after = [ "sops-install-secrets.service" ]; }}"""
+    )  # fmt: skip
+    assert service["wants"] == ["sops-install-secrets.service"]
+    assert "sops-install-secrets.service" in service["after"]
+    lines = [f"Description={service['description']}", "", "[Service]"]
+    lines += [f"{key}={value}" for key, value in unit_check.render_service(service["serviceConfig"])]
+    unit = scratch / "sops-nix-exporter.service"
+    unit.write_text("[Unit]\n" + "\n".join(lines) + "\n")
+    verify = subprocess.run([systemd_analyze, "verify", "--man=no", str(unit)], capture_output=True, text=True)
+    assert verify.returncode == 0 and unit.name not in verify.stderr, verify.stderr
+
+
+# --- the command line and the configuration document, as the exporter reads them -------------------------
+
+
+@pytest.mark.parametrize(
+    "host,port,expected",
+    [("", 9785, ("", 9785)), ("127.0.0.1", 9100, ("127.0.0.1", 9100)), ("::1", 9785, ("::1", 9785)),
+     ("[::]", 1, ("::", 1)), ("localhost", 9785, ("localhost", 9785))],
+)  # fmt: skip
+def test_command_line_is_what_the_exporter_parses(host, port, expected):
+    argv = nix_eval(
+        f"""let unit = import ./nix/service.nix; in unit.command {{
+              executable = "/nix/store/x/bin/sops-nix-exporter"; configFile = "/nix/store/y-sops-nix-exporter.yml";
+              listenAddress = unit.listenAddress {nix_string(host)} {port};
+              extraFlags = [ "--log.level=debug" "--log.format=json" ]; }}"""
+    )  # fmt: skip
+    assert argv[0] == "/nix/store/x/bin/sops-nix-exporter"
+    args = parse_args(argv[1:])
+    assert args.command == "serve"
+    assert args.config_file == "/nix/store/y-sops-nix-exporter.yml"
+    assert (args.log_level, args.log_format) == ("debug", "json")
+    assert parse_listen_address(args.listen_address) == expected
+
+
+def test_web_config_file_flag_is_what_the_exporter_parses():
+    argv = nix_eval(
+        """let unit = import ./nix/service.nix; in unit.command {
+             executable = "/bin/sops-nix-exporter"; configFile = "/etc/c.yml"; listenAddress = ":9785";
+             webConfigFile = "/run/secrets/sops-nix-exporter/web.yml"; }"""
+    )
+    assert "--web.config.file=/run/secrets/sops-nix-exporter/web.yml" in argv
+    try:
+        args = parse_args(argv[1:])
+    except SystemExit:
+        pytest.skip("the exporter has no --web.config.file yet (issue 8)")
+    assert args.web_config_file == "/run/secrets/sops-nix-exporter/web.yml"
+
+
+SOPS_CASES = {
+    # config.sops as sops-nix's module declares it: keepGenerations, and secrets with neededForUsers.
+    "without sops-nix": (None, {"/run/secrets.d": None, "/run/secrets-for-users.d": None}),
+    "sops-nix, regular secrets": (
+        {"keepGenerations": 1, "secrets": {"db": {"neededForUsers": False}, "api": {"neededForUsers": False}}},
+        {"/run/secrets.d": 1},
+    ),
+    "sops-nix, a secret for users": (
+        {"keepGenerations": 0, "secrets": {"db": {"neededForUsers": False}, "pw": {"neededForUsers": True}}},
+        {"/run/secrets.d": 0, "/run/secrets-for-users.d": 0},
+    ),
+    "sops-nix, no secret yet": ({"keepGenerations": 3, "secrets": {}}, {"/run/secrets.d": 3}),
+}
+
+
+@pytest.mark.parametrize("case", list(SOPS_CASES))
+def test_default_stores_are_those_sops_nix_manages(case):
+    sops, expected = SOPS_CASES[case]
+    stores = nix_eval(f"(import ./nix/settings.nix).defaultStores {nix_value(sops)}")
+    config = parse_config({"stores": stores}, source=case)
+    assert {s.mountpoint: s.keep_generations for s in config.stores} == expected
+    symlinks = {"/run/secrets.d": "/run/secrets", "/run/secrets-for-users.d": "/run/secrets-for-users"}
+    assert all(s.symlink == symlinks[s.mountpoint] for s in config.stores)
+
+
+def test_configuration_document_is_accepted_by_the_exporter():
+    # The shape the module hands over: declared-but-unset options are null.
+    settings = {
+        "stores": [
+            {"mountpoint": "/run/secrets.d", "symlink": "/run/secrets", "keep_generations": 1,
+             "memory_budget_bytes": None},
+            {"mountpoint": "/run/secrets-for-users.d", "symlink": "/run/secrets-for-users", "keep_generations": None,
+             "memory_budget_bytes": 4096},
+        ],
+        "memory_budget_ratio": None,
+        "microvm": {"state_dir": "/srv/microvms"},
+    }  # fmt: skip
+    for memory_budget, budgets in [(None, [None, 4096]), (1 << 26, [1 << 26, 4096])]:
+        document = nix_eval(
+            f"(import ./nix/settings.nix).document {{ settings = {nix_value(settings)}; "
+            f"memoryBudget = {nix_value(memory_budget)}; }}"
+        )
+        assert "memory_budget_ratio" not in document  # unset: the exporter's default applies
+        config = parse_config(document, source="the module's document")
+        assert [s.memory_budget_bytes for s in config.stores] == budgets
+        assert [s.keep_generations for s in config.stores] == [1, None]
+        assert config.microvm.state_dir == "/srv/microvms"
+
+
+# --- what the Nix files take from the repository ---------------------------------------------------------
+
+
+def test_repo_nix_selects_the_version_rules_and_dashboards():
+    repo = nix_eval("let repo = import ./nix/repo.nix; in { inherit (repo) version ruleFileNames dashboardFileNames; }")
+    assert repo["version"] == __version__
+    assert repo["ruleFileNames"] == sorted(p.name for p in (ROOT / "alerts").glob("*.rules.yml"))
+    assert repo["dashboardFileNames"] == sorted(p.name for p in (ROOT / "grafana" / "dashboards").glob("*.json"))
+    assert repo["ruleFileNames"] and repo["dashboardFileNames"], "nothing to hand to Prometheus or Grafana"
+
+
+def test_nixos_test_script_is_python():
+    script = nix_eval(
+        '(import ./nix/nixos-test.nix { self = { nixosModules.default = { }; }; sops-nix = "/sops-nix"; }).testScript'
+    )
+    compile(script, "nix/nixos-test.nix testScript", "exec")
+    assert "sops-nix-exporter.service" in script
+
+
+# --- what the hardening allows, against the real exporter ------------------------------------------------
+
+
+def syscall_groups(systemd_analyze: str) -> dict[str, list[str]]:
+    out = subprocess.run([systemd_analyze, "syscall-filter", "--no-pager"], capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    groups: dict[str, list[str]] = {}
+    current = None
+    for line in out.splitlines():
+        if line.startswith("@"):
+            current = groups.setdefault(line.strip(), [])
+        elif line.startswith("    ") and current is not None and not line.strip().startswith("#"):
+            current.append(line.strip())
+    return groups
+
+
+def expand(name: str, groups: dict[str, list[str]]) -> set[str]:
+    if not name.startswith("@"):
+        return {name}
+    return set().union(*(expand(member, groups) for member in groups[name]))
+
+
+def allowed_syscalls(filters: list[str], groups: dict[str, list[str]]) -> set[str]:
+    """systemd's reading of SystemCallFilter= lines: the first (allow) list, minus every ~ list after it."""
+    allowed: set[str] = set()
+    for line in filters:
+        deny = line.startswith("~")
+        names = set().union(*(expand(n, groups) for n in line.lstrip("~").split()))
+        allowed = allowed - names if deny else allowed | names
+    return allowed
+
+
+def collector_success(text: str) -> dict[str, float]:
+    return {
+        sample.labels["collector"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "sopsnix_scrape_collector_success"
+    }
+
+
+def test_exporter_makes_no_system_call_the_filter_blocks(make_store, pinners, scratch):
+    strace = tool("strace", "strace")
+    groups = syscall_groups(tool("systemd-analyze", "systemd"))
+    allowed = allowed_syscalls(unit_values()["serviceConfig"]["SystemCallFilter"], groups)
+
+    store = make_store("ramfs")
+    store.switch(SAMPLE_SECRETS)
+    store.switch(SAMPLE_SECRETS, keep_generations=0)
+    state_dir = scratch / "microvms"
+    # One virtiofsd per way of pinning, so every /proc read of the shares scan happens.
+    pinners(source=store.symlink, mode="namespace", vm="ns", state_dir=state_dir)
+    pinners(source=store.symlink, mode="chroot", vm="chroot", state_dir=state_dir)
+    pinners(source=store.symlink, mode="none", vm="plain", state_dir=state_dir)
+    config = write_config(scratch, {
+        "stores": [{"mountpoint": str(store.mountpoint), "symlink": str(store.symlink), "keep_generations": 0}],
+        "microvm": {"state_dir": str(state_dir)},
+    })  # fmt: skip
+
+    trace = scratch / "strace.out"
+    port = free_port()
+    command = [strace, "-f", "-qq", "-o", str(trace), sys.executable, "-m", "exporter", "serve",
+               f"--config.file={config}", f"--web.listen-address=127.0.0.1:{port}"]  # fmt: skip
+    tracer = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                break
+            except requests.ConnectionError:
+                assert tracer.poll() is None, tracer.stderr.read().decode(errors="replace")
+                assert time.monotonic() < deadline, "the traced exporter did not start"
+                time.sleep(0.2)
+        for _ in range(3):
+            text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+        assert collector_success(text) == {"stores": 1.0, "shares": 1.0}
+        assert 'sopsnix_vm_share_up{' in text
+        requests.get(f"http://127.0.0.1:{port}/", timeout=10)
+        requests.get(f"http://127.0.0.1:{port}/nowhere", timeout=10)
+        for child in psutil.Process(tracer.pid).children():
+            os.kill(child.pid, signal.SIGTERM)  # the exporter; strace ends when it does
+        tracer.wait(timeout=30)
+    finally:
+        if tracer.poll() is None:
+            for child in psutil.Process(tracer.pid).children():
+                os.kill(child.pid, signal.SIGKILL)
+            tracer.kill()
+            tracer.wait()
+
+    used = set(re.findall(r"^\d+\s+([a-z0-9_]+)\(", trace.read_text(errors="replace"), re.M))
+    # The trace must cover what the unit is about: serving, and reading other processes' /proc links.
+    assert {"accept4", "bind", "listen"} <= used or {"accept", "bind", "listen"} <= used, sorted(used)
+    assert used & {"readlink", "readlinkat"}, sorted(used)
+    assert used - allowed == set(), f"blocked by SystemCallFilter: {sorted(used - allowed)}"
+
+
+def test_procsubset_pid_would_break_the_stores_collector(make_store, scratch):
+    """Why the unit leaves ProcSubset= alone: with /proc limited to processes, /proc/meminfo is gone."""
+    unshare = tool("unshare", "util-linux")
+    store = make_store("ramfs")
+    store.switch(SAMPLE_SECRETS)
+    config = write_config(scratch, {"stores": [{"mountpoint": str(store.mountpoint), "symlink": str(store.symlink)}]})
+
+    def stores_collector_with(proc_options: str) -> float:
+        output = scratch / f"metrics-{proc_options or 'default'}.prom"
+        mount = f"mount -t proc {'-o ' + proc_options if proc_options else ''} proc /proc"
+        script = f'{mount} && exec "$0" -m exporter textfile --config.file="$1" --output="$2"'
+        result = subprocess.run(
+            [unshare, "--mount", "--pid", "--fork", "--propagation", "private", "sh", "-c", script,
+             sys.executable, str(config), str(output)],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        if "mount" in result.stderr and not output.exists():
+            pytest.skip(f"cannot mount proc with {proc_options or 'defaults'}: {result.stderr.strip()}")
+        assert result.returncode == 0, result.stderr
+        return collector_success(output.read_text())["stores"]
+
+    assert stores_collector_with("") == 1.0
+    assert stores_collector_with("subset=pid") == 0.0
