@@ -1,0 +1,221 @@
+"""The failure this project exists for, reproduced in a real VM, with the exporter watching.
+
+A real ramfs store switched as sops-nix switches it, QEMU's real C virtiofsd serving the store's symlink,
+a real QEMU guest (Debian's kernel, a busybox initramfs) printing what it reads from the share every
+second, and the real exporter process. At every step the guest's console is read first (the first tick
+it began after the step), then the exporter's /metrics must tell the same story.
+
+Set SOPSNIX_VM_TRANSCRIPT=DIR to keep each run's console ticks and metrics (docs/reproduction.md is made
+from them).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from sopsnix import SopsStore, du_figures
+from vm.guest import GuestUnavailable, MicrovmShare, Tick, build_initramfs, probe_accelerator
+from vm.kernel import KernelUnavailable, fetch_kernel
+
+pytestmark = pytest.mark.slow
+
+VM = "sopsvm"
+TAG = "secrets"
+
+SHARE_GAUGES = {
+    "up": "sopsnix_vm_share_up",
+    "serving": "sopsnix_vm_serving_generation",
+    "stale": "sopsnix_vm_serving_stale_generation",
+    "deleted": "sopsnix_vm_serving_deleted_generation",
+    "behind": "sopsnix_vm_generations_behind",
+    "pruned_on_next_switch": "sopsnix_vm_share_pruned_on_next_switch",
+}
+
+
+def secrets_of(generation: int) -> dict[str, str]:
+    """Every value names its generation, so the guest's console shows which one it reads. Generation 2
+    has one secret more, as an activation that adds a secret would write."""
+    values = {
+        "db-password": f"generation {generation}: db password",
+        "api-token": f"generation {generation}: api token",
+        "rendered/app.env": f"generation {generation}: APP_SECRET=value-{generation}",
+    }
+    if generation >= 2:
+        values["tls/key.pem"] = f"generation {generation}: private key"
+    return values
+
+
+@pytest.fixture(scope="session")
+def vm_parts(tmp_path_factory):
+    """(kernel, initramfs, accelerator), made once per session; skips when no guest can boot here."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: ramfs store, virtiofsd's sandbox, cgroups")
+    for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ("cpio", "cpio"), ("unshare", "util-linux")):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (Debian package {package}); run scripts/test")
+    try:
+        kernel = fetch_kernel()
+        workdir = tmp_path_factory.mktemp("vm")
+        initramfs = build_initramfs(kernel, workdir / "initramfs.cpio")
+        accelerator = probe_accelerator(kernel, initramfs, workdir)
+    except (KernelUnavailable, GuestUnavailable) as exc:
+        pytest.skip(f"no test VM: {exc}")
+    return kernel, initramfs, accelerator
+
+
+@pytest.fixture
+def microvm(vm_parts, tmp_path):
+    """microvm(source, state_dir) -> MicrovmShare (not started); everything is stopped and removed afterwards."""
+    kernel, initramfs, accelerator = vm_parts
+    shares: list[MicrovmShare] = []
+
+    def make(source: Path, state_dir: Path) -> MicrovmShare:
+        try:
+            share = MicrovmShare(kernel, initramfs, accelerator, state_dir, VM, TAG, source, tmp_path)
+        except GuestUnavailable as exc:
+            pytest.skip(f"no test VM: {exc}")
+        shares.append(share)
+        return share
+
+    yield make
+    for share in shares:
+        share.close()
+
+
+def start(share: MicrovmShare) -> Tick:
+    try:
+        return share.start()
+    except GuestUnavailable as exc:
+        pytest.skip(f"no test VM: {exc}")
+
+
+def value(text: str, name: str, **labels: str) -> float | None:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return None
+
+
+class Transcript:
+    """Each step as the guest printed it and as the exporter published it: for failure messages and docs."""
+
+    def __init__(self, title: str, tmp_path: Path, share: MicrovmShare) -> None:
+        self.title = title
+        self.path = tmp_path / "transcript.md"
+        self.parts = [f"# {title}\n\nkernel {share.kernel.package}, accelerator {share.accelerator}\n"]
+
+    def add(self, step: str, tick: Tick | None, metrics: str, store: SopsStore) -> None:
+        lines = [
+            line for line in metrics.splitlines()
+            if line.startswith(("sopsnix_vm_", "sopsnix_pinned_", "sopsnix_recommended_", "sopsnix_generations",
+                                "sopsnix_current_generation{"))
+            and str(store.mountpoint) in line
+        ]  # fmt: skip
+        guest = tick.text if tick is not None else "(the guest is not running)"
+        self.parts.append(f"\n## {step}\n\nguest console:\n\n{guest}\n\nexporter:\n\n" + "\n".join(lines) + "\n")
+        self.path.write_text("".join(self.parts))
+        keep = os.environ.get("SOPSNIX_VM_TRANSCRIPT")
+        if keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            (Path(keep) / f"{self.title}.md").write_text("".join(self.parts))
+
+
+def expect_share(exporter, store: SopsStore, transcript: Transcript, step: str, tick: Tick | None, **expected):
+    """The exporter's share gauges for our VM must equal `expected`, scraped after the guest's tick."""
+    text = exporter.metrics()
+    transcript.add(step, tick, text, store)
+    labels = {"vm": VM, "share": TAG, "mountpoint": str(store.mountpoint)}
+    seen = {key: value(text, SHARE_GAUGES[key], **labels) for key in expected}
+    guest = tick.text if tick is not None else "(the guest is not running)"
+    assert seen == {k: float(v) for k, v in expected.items()}, (
+        f"step '{step}': the exporter published {seen}, expected {expected}.\n"
+        f"The guest saw:\n{guest}\nThe exporter's share lines:\n"
+        + "\n".join(line for line in text.splitlines() if line.startswith("sopsnix_vm_"))
+        + f"\nExporter log:\n{exporter.log()[-2000:]}"
+    )
+    return text
+
+
+def exporter_config(store: SopsStore, keep_generations: int, state_dir: Path) -> dict:
+    return {
+        "stores": [
+            {"mountpoint": str(store.mountpoint), "symlink": str(store.symlink), "keep_generations": keep_generations}
+        ],
+        "microvm": {"state_dir": str(state_dir)},
+    }
+
+
+def test_pruned_generation_empties_the_guest_mount(make_store, microvm, exporter_process, scratch, tmp_path):
+    """keepGenerations = 1: the switch prunes the generation the running VM is served; its mount turns empty."""
+    store = make_store("ramfs")
+    state_dir = scratch / "microvms"
+    store.write_generation(1, secrets_of(1))
+    store.link(1)
+    share = microvm(store.symlink, state_dir)
+    transcript = Transcript("keep-generations-1", tmp_path, share)
+    exporter = exporter_process(exporter_config(store, 1, state_dir))
+
+    tick = start(share)
+    assert tick.files == secrets_of(1), tick.text
+    expect_share(exporter, store, transcript, "before the switch", tick,
+                 up=1, serving=1, stale=0, deleted=0, behind=0, pruned_on_next_switch=1)  # fmt: skip
+
+    # The switch, in two halves: write and link generation 2 ...
+    store.write_generation(2, secrets_of(2))
+    store.link(2)
+    tick = share.next_tick()
+    assert tick.files == secrets_of(1), f"the guest should still read generation 1:\n{tick.text}"
+    expect_share(exporter, store, transcript, "after the switch, generation 1 still kept", tick,
+                 up=1, serving=1, stale=1, deleted=0, behind=1, pruned_on_next_switch=1)  # fmt: skip
+
+    # ... then prune as keepGenerations = 1 does: generation 1, the one the guest is served, goes.
+    assert store.prune(1) == [1]
+    tick = share.next_tick()
+    assert tick.listing == [] and tick.files == {}, f"the guest's mount should be empty:\n{tick.text}"
+    assert tick.links == 0, f"the served directory should be deleted (0 links):\n{tick.text}"
+    expect_share(exporter, store, transcript, "after the prune", tick,
+                 up=1, serving=1, stale=1, deleted=1, behind=1)  # fmt: skip
+
+    share.stop()
+    expect_share(exporter, store, transcript, "VM and virtiofsd stopped", None, up=0)
+
+    tick = start(share)
+    assert tick.files == secrets_of(2), f"after the restart the guest should read generation 2:\n{tick.text}"
+    expect_share(exporter, store, transcript, "after restarting the VM and its virtiofsd", tick,
+                 up=1, serving=2, stale=0, deleted=0, behind=0, pruned_on_next_switch=1)  # fmt: skip
+
+
+def test_kept_generation_is_stale_and_grows_the_store(make_store, microvm, exporter_process, scratch, tmp_path):
+    """keepGenerations = 0: nothing is pruned; the guest keeps reading old secrets and memory grows."""
+    store = make_store("ramfs")
+    state_dir = scratch / "microvms"
+    store.write_generation(1, secrets_of(1))
+    store.link(1)
+    share = microvm(store.symlink, state_dir)
+    transcript = Transcript("keep-generations-0", tmp_path, share)
+    exporter = exporter_process(exporter_config(store, 0, state_dir))
+
+    tick = start(share)
+    assert tick.files == secrets_of(1), tick.text
+    before = expect_share(exporter, store, transcript, "before the switch", tick,
+                          up=1, serving=1, stale=0, deleted=0, behind=0, pruned_on_next_switch=0)  # fmt: skip
+    mountpoint = str(store.mountpoint)
+    bytes_before = value(before, "sopsnix_generations_bytes", mountpoint=mountpoint)
+    assert bytes_before == du_figures(store.generation_path(1))[1]
+
+    assert store.switch(secrets_of(2), keep_generations=0) == 2
+    assert store.generations() == [1, 2]
+    generation_2_bytes = du_figures(store.generation_path(2))[1]
+    assert generation_2_bytes > 0, "ramfs should account the new generation's pages in st_blocks"
+    tick = share.next_tick()
+    assert tick.files == secrets_of(1), f"the guest should still read generation 1:\n{tick.text}"
+    after = expect_share(exporter, store, transcript, "after the switch (nothing pruned)", tick,
+                         up=1, serving=1, stale=1, deleted=0, behind=1, pruned_on_next_switch=0)  # fmt: skip
+    assert value(after, "sopsnix_generations", mountpoint=mountpoint) == 2
+    assert value(after, "sopsnix_current_generation_bytes", mountpoint=mountpoint) == generation_2_bytes
+    assert value(after, "sopsnix_generations_bytes", mountpoint=mountpoint) == bytes_before + generation_2_bytes
