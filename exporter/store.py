@@ -200,6 +200,7 @@ def scan_store(
     budget_bytes: int,
     mounts: list[mountinfo.Mount],
     measurer: Measurer | None = None,
+    retry: bool = True,
 ) -> StoreScan:
     measurer = measurer or Measurer()
     scan = StoreScan(
@@ -263,4 +264,18 @@ def scan_store(
         scan.generations.append(Generation(number=number, device=st.st_dev, inode=st.st_ino, usage=usage))
     measurer.forget_except({(g.device, g.inode) for g in scan.generations})
     _resolve_symlink(scan)
+    if retry and scan.symlink_state is SymlinkState.OUTSIDE and _links_unlisted_generation(scan):
+        # An activation ran during the scan and linked a generation the listing had not seen: the store is
+        # fine, the scan is stale. One fresh scan sees it after the switch.
+        return scan_store(config, budget_bytes, mounts, measurer, retry=False)
     return scan
+
+
+def _links_unlisted_generation(scan: StoreScan) -> bool:
+    target = os.path.realpath(scan.symlink)
+    number = generation_number(os.path.basename(target))
+    return (
+        number is not None
+        and os.path.dirname(target) == os.path.realpath(scan.mountpoint)
+        and scan.by_number(number) is None
+    )

@@ -525,6 +525,38 @@ def test_generation_deleted_mid_scan(store, victim):
     assert value(text, "sopsnix_generations", mountpoint=mp) == 2
 
 
+class SwitchingMeasurer(Measurer):
+    """Runs a whole sops-nix activation (write N+1, link it, prune) just before the scan measures its first
+    generation: the listing the scan took no longer matches where the symlink points."""
+
+    def __init__(self, store: SopsStore, secrets: Secrets, keep_generations: int) -> None:
+        self.store, self.secrets, self.keep_generations = store, secrets, keep_generations
+        self.switched_to: int | None = None
+
+    def usage(self, path, device, errors):
+        if self.switched_to is None:
+            self.switched_to = self.store.switch({self.secrets.name(): self.secrets.content(7000)}, self.keep_generations)
+        return super().usage(path, device, errors)
+
+
+@pytest.mark.parametrize("keep_generations", [1, 2, 0])
+def test_switch_during_the_scan(store, keep_generations):
+    """An activation racing the scan must not make the symlink look broken: it points at a generation of
+    this store, one the listing had not seen yet."""
+    secrets = Secrets()
+    for number in (3, 4):
+        store.write_generation(number, {secrets.name(): secrets.content(3000)})
+    store.link(4)
+    measurer = SwitchingMeasurer(store, secrets, keep_generations)
+    scan = scan_stores(config_for(store_config(store, keep_generations=keep_generations)), measurer).stores[0]
+    assert measurer.switched_to == 5
+    assert scan.symlink_state is SymlinkState.OK
+    assert scan.current is not None and scan.current.number == 5
+    present = store.generations()
+    assert [g.number for g in scan.generations] == present == {1: [5], 2: [4, 5], 0: [3, 4, 5]}[keep_generations]
+    assert scan.total.bytes == sum(du_figures(store.generation_path(n))[1] for n in present)
+
+
 class FailingCollector(Collector):
     """A collector that fails the way a real one might: an OSError whose text carries a secret's path."""
 
