@@ -223,7 +223,7 @@ def store_alerts() -> list[dict]:
             "Secrets store {{ $labels.mountpoint }} has a generation that was written but never linked",
             f"""{{{{ $value }}}} generation(s) above the current one ({CURRENT}) of {store} were written but
             never linked, for over an hour: an activation failed or was a dry-activate. They hold memory until
-            the next successful switch prunes them.""",
+            the next successful activation replaces them.""",
         ),
     ]
 
@@ -247,8 +247,8 @@ def exporter_alerts(job: str) -> list[dict]:
             "The sops-nix exporter{{ with $labels.instance }} on {{ . }}{{ end }} cannot be scraped",
             """{{ with $labels.instance }}Prometheus cannot scrape the sops-nix exporter on {{ . }} (job
             {{ $labels.job }}){{ else }}Prometheus has no target in job {{ $labels.job }}{{ end }}: every
-            other sops-nix alert is blind while this lasts. Check the exporter's service on the host and
-            Prometheus's scrape configuration.""",
+            other sops-nix alert is blind while this lasts. Check the exporter's service on the host
+            (sops-nix-exporter.service with the NixOS module) and Prometheus's scrape configuration.""",
         ),
     ]
 
