@@ -106,6 +106,7 @@ class Transcript:
 
     def __init__(self, title: str, tmp_path: Path, share: MicrovmShare) -> None:
         self.title = title
+        self.share = share
         self.path = tmp_path / "transcript.md"
         self.parts = [f"# {title}\n\nkernel {share.kernel.package}, accelerator {share.accelerator}\n"]
 
@@ -117,7 +118,10 @@ class Transcript:
             and str(store.mountpoint) in line
         ]  # fmt: skip
         guest = tick.text if tick is not None else "(the guest is not running)"
-        self.parts.append(f"\n## {step}\n\nguest console:\n\n{guest}\n\nexporter:\n\n" + "\n".join(lines) + "\n")
+        host = "\n".join(self.share.host_view()) or "(no virtiofsd)"
+        self.parts.append(
+            f"\n## {step}\n\nguest console:\n\n{guest}\n\nhost:\n\n{host}\n\nexporter:\n\n" + "\n".join(lines) + "\n"
+        )
         self.path.write_text("".join(self.parts))
         keep = os.environ.get("SOPSNIX_VM_TRANSCRIPT")
         if keep:
@@ -134,7 +138,8 @@ def expect_share(exporter, store: SopsStore, transcript: Transcript, step: str, 
     guest = tick.text if tick is not None else "(the guest is not running)"
     assert seen == {k: float(v) for k, v in expected.items()}, (
         f"step '{step}': the exporter published {seen}, expected {expected}.\n"
-        f"The guest saw:\n{guest}\nThe exporter's share lines:\n"
+        f"The guest saw:\n{guest}\nThe host saw:\n" + "\n".join(transcript.share.host_view())
+        + "\nThe exporter's share lines:\n"
         + "\n".join(line for line in text.splitlines() if line.startswith("sopsnix_vm_"))
         + f"\nExporter log:\n{exporter.log()[-2000:]}"
     )

@@ -370,6 +370,20 @@ class MicrovmShare:
         assert self.guest is not None, "the guest is not running"
         return self.guest.next_tick()
 
+    def host_view(self) -> list[str]:
+        """What the kernel says each virtiofsd process of the share has as its root, for the transcript:
+        the sandboxed child's root is the generation it pivoted into ("/1//deleted" once pruned)."""
+        lines = []
+        for pid in self.cgroup.pids():
+            try:
+                mounts = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+                root = os.readlink(f"/proc/{pid}/root")
+            except OSError:
+                continue
+            top = [line.split()[3] for line in mounts if line.split()[4] == "/"][-1]
+            lines.append(f"virtiofsd pid {pid}: /proc/{pid}/root -> {root}; mountinfo root {top}")
+        return lines
+
     def stop(self) -> None:
         if self.guest is not None:
             self.guest.stop()
