@@ -14,7 +14,7 @@ can be loaded as is. Two things differ between sites, and this script is the one
                   this base plus '#' and the alert name in lower case (the heading's anchor).
 
 --for-scale multiplies every `for` duration; it exists for end-to-end tests that cannot wait an hour
-(tests/test_alerting_e2e.py renders with --for-scale=0.0166 so that one minute becomes one second).
+(tests/test_alerting_e2e.py renders with a scale of 1/60, so that one minute becomes one second).
 Needs nothing but Python 3.11.
 """
 
@@ -28,11 +28,10 @@ from pathlib import Path
 
 DEFAULT_JOB = "sops-nix"
 DEFAULT_RUNBOOK_BASE = "https://github.com/sops-nix-exporter/sops-nix-exporter/blob/main/docs/runbooks.md"
-RULES_FILE = Path(__file__).resolve().parent / "sops-nix.rules.yml"
 
-# The label sets the alerts keep; PromQL binary operators below match on all labels (none use on()), so
-# whatever target labels a site adds (instance, job, datacenter...) flow through to the alerts unchanged.
-VM_SHARE = "VM {{ $labels.vm }}"
+# No rule aggregates, and binary operators match on all labels but the ones they name in ignoring(), so an
+# alert keeps every label of the series it fires on: instance, job, mountpoint, vm, share, and whatever
+# target labels a site adds. Numbers beside the firing series come from `query` in the annotations.
 
 
 def value_of(metric: str, labels: tuple[str, ...], format: str = 'printf "%.0f"') -> str:
@@ -51,6 +50,7 @@ SHARE = ("instance", "vm", "share")
 CURRENT = value_of("sopsnix_current_generation", STORE)
 KEEP = value_of("sopsnix_keep_generations", STORE)
 SERVED = value_of("sopsnix_vm_serving_generation", SHARE)
+BEHIND = value_of("sopsnix_vm_generations_behind", SHARE)
 USED = value_of("sopsnix_generations_bytes", STORE, "humanize1024") + "B"
 BUDGET = value_of("sopsnix_memory_budget_bytes", STORE, "humanize1024") + "B"
 GENERATIONS = value_of("sopsnix_generations", STORE)
@@ -115,10 +115,11 @@ def vm_alerts() -> list[dict]:
     return [
         alert(
             "SopsNixVMServingDeletedGeneration", "critical",
-            "sopsnix_vm_serving_generation and sopsnix_vm_serving_deleted_generation == 1",
+            # The flag alone decides: the exporter may know a generation is deleted without its number.
+            "sopsnix_vm_serving_deleted_generation == 1",
             "1m",
             "VM {{ $labels.vm }} serves a deleted secrets generation: its secrets directory is empty",
-            f"""The virtiofsd of {share} still serves generation {{{{ printf "%.0f" $value }}}} of
+            f"""The virtiofsd of {share} still serves generation {SERVED} of
             {{{{ $labels.mountpoint }}}}, which has been deleted; the store's current generation is {CURRENT}.
             The guest sees an empty secrets directory, so every service in it that reads a secret fails.
             Restart microvm@{{{{ $labels.vm }}}} so that it serves the current generation.""",
@@ -134,34 +135,23 @@ def vm_alerts() -> list[dict]:
         ),
         alert(
             "SopsNixVMSecretsPrunedOnNextSwitch", "warning",
-            multiline(
-                """
-                sopsnix_vm_serving_generation
-                  and sopsnix_vm_share_pruned_on_next_switch == 1
-                unless sopsnix_vm_serving_deleted_generation == 1
-                """
-            ),
+            # Once the generation is deleted the forecast is moot: SopsNixVMServingDeletedGeneration pages.
+            "sopsnix_vm_share_pruned_on_next_switch == 1 unless sopsnix_vm_serving_deleted_generation == 1",
             "10m",
             "The next activation will delete the secrets VM {{ $labels.vm }} serves",
-            f"""{Share} serves generation {{{{ printf "%.0f" $value }}}} of
-            {{{{ $labels.mountpoint }}}}; the current generation is {CURRENT} and keepGenerations is {KEEP},
+            f"""{Share} serves generation {SERVED} of {{{{ $labels.mountpoint }}}};
+            the current generation is {CURRENT} and keepGenerations is {KEEP},
             so the next activation deletes it and the guest's secrets directory turns empty. Share the store's
             mount point instead of the symlink, or raise keepGenerations, or restart
             microvm@{{{{ $labels.vm }}}} after every switch.""",
         ),
         alert(
             "SopsNixVMServingStaleGeneration", "warning",
-            multiline(
-                """
-                sopsnix_vm_generations_behind
-                  and sopsnix_vm_serving_stale_generation == 1
-                unless sopsnix_vm_serving_deleted_generation == 1
-                """
-            ),
+            "sopsnix_vm_serving_stale_generation == 1 unless sopsnix_vm_serving_deleted_generation == 1",
             "1h",
             "VM {{ $labels.vm }} has not seen rotated secrets for an hour",
             f"""{Share} serves generation {SERVED} of {{{{ $labels.mountpoint }}}},
-            {{{{ printf "%.0f" $value }}}} generation(s) behind the current one ({CURRENT}): the guest still
+            {BEHIND} generation(s) behind the current one ({CURRENT}): the guest still
             reads the secrets of before the last rotation. Restart microvm@{{{{ $labels.vm }}}} to serve the
             current generation.""",
         ),
