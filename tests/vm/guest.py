@@ -1,18 +1,20 @@
 """A real QEMU guest reading a share served by a real virtiofsd, and what it prints on its console.
 
-    kernel = fetch_kernel()
+    kernel = fetch_kernel()                                   # tests/vm/kernel.py
     initramfs = build_initramfs(kernel, workdir / "initramfs.cpio")
-    with Cgroup.create(vm) as cgroup:
-        daemon = Virtiofsd.start(source=symlink, socket=state_dir / vm / f"{vm}-virtiofs-{tag}.sock",
-                                 cgroup=cgroup, workdir=workdir)
-        guest = Guest.boot(kernel, initramfs, daemon.socket, tag, workdir, accelerator=accelerator)
-        tick = guest.next_tick()   # the first tick the guest began after this call
-        tick.files                 # {"db-password": "...", ...} as the guest read them
+    accelerator = probe_accelerator(kernel, initramfs, workdir)   # "kvm" or "tcg"
+    share = MicrovmShare(kernel, initramfs, accelerator, state_dir, "vm1", "secrets", symlink, workdir)
+    tick = share.start()       # virtiofsd, then the guest; its first complete console tick
+    tick.files                 # {"db-password": "...", ...} as the guest read them
+    tick = share.next_tick()   # the first tick the guest begins after this call
+    share.stop(); share.start()    # restart the VM and its virtiofsd
+    share.close()
 
-The virtiofsd runs the way microvm.nix runs it, as far as the exporter can tell: its socket is
-STATE_DIR/VM/VM-virtiofs-TAG.sock and its process sits in a cgroup named microvm-virtiofsd@VM.service.
-It runs in a private mount namespace with a temporary directory bound over /run, so the pid file it
-writes under /run/virtiofsd/ never reaches the real /run.
+The virtiofsd runs the way microvm.nix runs it, as far as the exporter can tell: from STATE_DIR/VM with
+the relative socket path VM-virtiofs-TAG.sock, the share declared in STATE_DIR/VM/booted/share/microvm/
+virtiofs/TAG/{source,socket}, and its processes in a cgroup named microvm-virtiofsd@VM.service. It runs
+in a private mount namespace with a temporary directory bound over /run, so the pid file it writes
+under /run/virtiofsd/ never reaches the real /run.
 """
 
 from __future__ import annotations
@@ -105,7 +107,10 @@ class Cgroup:
             service_dir = slice_dir / f"microvm-virtiofsd@{vm}.service"
             service_dir.mkdir()
         except OSError as exc:
-            shutil.rmtree(slice_dir, ignore_errors=True)  # rmdir only: cgroup directories hold no files
+            try:
+                slice_dir.rmdir()
+            except OSError:
+                pass
             raise GuestUnavailable(f"cannot create a cgroup under {root}: {exc}") from None
         return cls(slice_dir, service_dir)
 
