@@ -177,7 +177,8 @@ def store_alerts() -> list[dict]:
             "Secrets store {{ $labels.mountpoint }} is over its memory budget",
             f"""The generations of {store} hold {USED} in memory, {{{{ $value | humanizePercentage }}}} of its
             budget of {BUDGET}, in {GENERATIONS} generation(s). That memory is never swapped out, and comes
-            back only when generations are deleted or at reboot. Lower keepGenerations, reboot to reclaim the memory, or raise the budget.""",
+            back only when generations are deleted or at reboot. Lower keepGenerations, reboot to reclaim the
+            memory, or raise the budget.""",
         ),
         alert(
             "SopsNixSecretsMemoryBudgetExhaustionPredicted", "warning",
@@ -186,11 +187,13 @@ def store_alerts() -> list[dict]:
             "Secrets store {{ $labels.mountpoint }} will reach its memory budget within a week",
             f"""At {SWITCHES} switch(es) per day and {PER_GENERATION} per generation, {store} reaches its
             budget of {BUDGET} in {{{{ printf "%.1f" $value }}}} day(s); it holds {USED} now, and pruning
-            does not keep it below the budget. Set keepGenerations above 0, reboot to reclaim the memory, or raise the budget.""",
+            does not keep it below the budget. Set keepGenerations above 0, reboot to reclaim the memory, or
+            raise the budget.""",
         ),
         alert(
             "SopsNixSymlinkBroken", "critical",
-            'sopsnix_symlink_info{state=~"missing|dangling"} == 1 and ignoring (symlink, state) sopsnix_generations > 0',
+            'sopsnix_symlink_info{state=~"missing|dangling"} == 1'
+            " and ignoring (symlink, state) sopsnix_generations > 0",
             "5m",
             "The symlink of secrets store {{ $labels.mountpoint }} is {{ $labels.state }}",
             f"""The symlink {{{{ $labels.symlink }}}} of {store} is {{{{ $labels.state }}}} while the store

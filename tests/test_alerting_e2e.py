@@ -107,7 +107,8 @@ def test_deleted_generation_pages_through_alertmanager_and_resolves_after_restar
                 "mountpoint": mountpoint,
             }
             annotations = alert["annotations"]
-            assert annotations["summary"] == "VM vm1 serves a deleted secrets generation: its secrets directory is empty"
+            summary = "VM vm1 serves a deleted secrets generation: its secrets directory is empty"
+            assert annotations["summary"] == summary
             assert annotations["description"].startswith(
                 f"The virtiofsd of share secrets of VM vm1 on {instance} still serves generation 1 of {mountpoint}, "
                 "which has been deleted; the store's current generation is 2. "

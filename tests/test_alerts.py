@@ -87,7 +87,8 @@ def seconds(duration: str) -> float:
 
 
 def test_committed_rules_are_the_default_render():
-    assert RULES.read_text() == build.render(), "alerts/sops-nix.rules.yml is stale: run python3 alerts/build.py -o alerts/sops-nix.rules.yml"
+    stale = "alerts/sops-nix.rules.yml is stale: run python3 alerts/build.py -o alerts/sops-nix.rules.yml"
+    assert RULES.read_text() == build.render(), stale
 
 
 def test_render_is_the_rules_build_describes():
@@ -152,7 +153,8 @@ def test_rules_select_by_metric_name_and_keep_identifying_labels():
         expr = rule["expr"]
         name = rule.get("alert") or rule["record"]
         # No aggregation and no on()/without(): every alert keeps instance, mountpoint, vm and share.
-        assert not re.search(r"\b(sum|min|max|avg|count|topk|bottomk|quantile|group)\b\s*(by|without)?\s*\(", expr), name
+        aggregation = r"\b(sum|min|max|avg|count|topk|bottomk|quantile|group)\b\s*(by|without)?\s*\("
+        assert not re.search(aggregation, expr), name
         assert not re.search(r"\b(on|without|by)\s*\(\s*[a-z]", expr), name
         if name == "SopsNixExporterDown":
             assert expr == 'up{job="sops-nix"} == 0 or absent(up{job="sops-nix"})'
@@ -257,7 +259,8 @@ def test_amtool_check_config():
 )
 def test_example_routes_by_severity(labels, receiver):
     amtool = tool("amtool", "prometheus-alertmanager")
-    result = run(amtool, "config", "routes", "test", f"--config.file={EXAMPLE}", *(f"{k}={v}" for k, v in labels.items()))
+    pairs = [f"{key}={value}" for key, value in labels.items()]
+    result = run(amtool, "config", "routes", "test", f"--config.file={EXAMPLE}", *pairs)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.split() == [receiver]
 
