@@ -16,6 +16,7 @@ from exporter.check import report
 from exporter.config import Config, ConfigError, load_config
 from exporter.textfile import write_atomically
 from exporter.web import DEFAULT_LISTEN_ADDRESS, ListenAddressError, WebServer
+from exporter.webconfig import WebConfigError, WebConfigSource
 
 log = logging.getLogger("exporter")
 
@@ -52,6 +53,10 @@ def parser() -> argparse.ArgumentParser:
         "--web.listen-address", dest="listen_address", default=DEFAULT_LISTEN_ADDRESS, metavar="HOST:PORT",
         help=f"address to listen on (default {DEFAULT_LISTEN_ADDRESS})",
     )  # fmt: skip
+    serve.add_argument(
+        "--web.config.file", dest="web_config_file", metavar="PATH",
+        help="TLS and basic authentication, in exporter-toolkit's web configuration format",
+    )  # fmt: skip
 
     check = sub.add_parser("check", help="scan once and report in words; exit 1 if something needs doing")
     _common(check)
@@ -80,8 +85,15 @@ def _load(args: argparse.Namespace) -> Config:
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
     _, registry = app.build(config)
+    web_config = None
+    if args.web_config_file is not None:
+        try:
+            web_config = WebConfigSource(args.web_config_file)
+        except WebConfigError as exc:
+            sys.stderr.write(f"sops-nix-exporter: web configuration error: {exc}\n")
+            return EXIT_USAGE
     try:
-        server = WebServer(args.listen_address, registry)
+        server = WebServer(args.listen_address, registry, web_config)
     except ListenAddressError as exc:
         sys.stderr.write(f"sops-nix-exporter: {exc}\n")
         return EXIT_USAGE
@@ -93,7 +105,7 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
         signal.signal(signum, lambda *_: stop.set())
     log.info(
         "listening",
-        extra={"kv": {"address": args.listen_address, "port": server.port, "version": __version__,
+        extra={"kv": {"address": args.listen_address, "port": server.port, "tls": server.tls, "version": __version__,
                       "stores": ",".join(s.mountpoint for s in config.stores)}},
     )  # fmt: skip
     server.start_in_thread()

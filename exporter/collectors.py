@@ -189,7 +189,9 @@ def store_problems(store: StoreScan) -> Iterator[Problem]:
         yield Problem(
             f"{mp}:symlink",
             f"store {mp}: symlink {store.symlink} is {store.symlink_state.value}",
-            "re-run the activation (nixos-rebuild switch) so sops-nix links a generation",
+            "run the exporter in the keys group, or grant CAP_DAC_READ_SEARCH"
+            if store.symlink_state is SymlinkState.UNREADABLE
+            else "re-run the activation (nixos-rebuild switch) so sops-nix links a generation",
             severity="critical",
         )
     if store.mounts > 1:
@@ -249,6 +251,7 @@ class BuildInfo:
 
 
 SHARE = ("vm", "share", "mountpoint")
+PROC_CAPABILITIES = ("CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH")
 
 VM_SHARE_INFO = MetricSpec(
     "sopsnix_vm_share_info",
@@ -358,12 +361,13 @@ class SharesCollector(Collector):
         stores, found = result
         for share in found.shares:
             yield from share_problems(share, stores.store(share.mountpoint))
-        if found.unreadable_processes and not found.capabilities.get("CAP_SYS_PTRACE"):
+        # /proc/PID/root needs the ptrace check; /proc/PID/fd (a root-owned 0500 directory) needs both.
+        if found.unreadable_processes and not all(found.capabilities.get(c) for c in PROC_CAPABILITIES):
             yield Problem(
                 "ptrace",
                 f"{found.unreadable_processes} virtiofsd process(es) could not be inspected: reading another "
-                "process's root and descriptors needs CAP_SYS_PTRACE",
-                "grant the exporter CAP_SYS_PTRACE (AmbientCapabilities=CAP_SYS_PTRACE)",
+                "process's root needs CAP_SYS_PTRACE, and its descriptors CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH",
+                "grant the exporter AmbientCapabilities=CAP_SYS_PTRACE CAP_DAC_READ_SEARCH",
             )
 
 
@@ -377,8 +381,9 @@ def share_problems(share: Share, store: StoreScan | None) -> Iterator[Problem]:
                       f"start microvm-virtiofsd@{share.vm}, or restart microvm@{share.vm}", severity="critical")  # fmt: skip
         return
     if share.held is not None and share.held.method == "denied":
-        yield Problem(f"{key}:denied", f"{who}: cannot tell which generation it serves (needs CAP_SYS_PTRACE)",
-                      "grant the exporter CAP_SYS_PTRACE")  # fmt: skip
+        yield Problem(f"{key}:denied", f"{who}: cannot tell which generation it serves (needs CAP_SYS_PTRACE, "
+                      "and CAP_DAC_READ_SEARCH for an unsandboxed virtiofsd)",
+                      "grant the exporter CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH")  # fmt: skip
         return
     served = share.served_generation
     current = share.current_generation
