@@ -120,7 +120,6 @@ def test_deleted_generation_pages_through_alertmanager_and_resolves_after_restar
             assert page["groupLabels"] == {"instance": instance, "vm": "vm1"}
 
             # The fix the runbook gives: restart the VM's virtiofsd, which then serves the current generation.
-            vm_started = time.monotonic()
             virtiofsd.stop()
             pinners(source=store.symlink, vm="vm1", tag="secrets", state_dir=state_dir)
             resolved = hook.wait_for(
@@ -129,7 +128,6 @@ def test_deleted_generation_pages_through_alertmanager_and_resolves_after_restar
                 timeout=60,
             )
             assert resolved["labels"] == alert["labels"]
-            assert time.monotonic() - vm_started < 60
 
         # Nothing else paged, and no staleness ticket for a share whose generation is gone.
         paged = {a["labels"]["alertname"] for a in hook.alerts("page")}
