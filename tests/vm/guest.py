@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pinning import cgroup2_root, declare_share
 from vm.kernel import Kernel
 
 HERE = Path(__file__).resolve().parent
@@ -78,15 +79,6 @@ def _end(process: subprocess.Popen, timeout: float = 10) -> None:
         except subprocess.TimeoutExpired:
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
-
-
-def cgroup2_root() -> Path | None:
-    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts)."""
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        fields = line.split()
-        if fields[2] == "cgroup2":
-            return Path(fields[1])
-    return None
 
 
 class Cgroup:
@@ -337,14 +329,6 @@ def probe_accelerator(kernel: Kernel, initramfs: Path, workdir: Path) -> str:
     raise GuestUnavailable("QEMU boots no guest here: " + "; ".join(failures))
 
 
-def declare_share(state_dir: Path, vm: str, tag: str, source: Path, socket_name: str) -> None:
-    """What microvm.nix's runner declares for each share: share/microvm/virtiofs/TAG/{socket,source}."""
-    directory = state_dir / vm / "booted" / "share" / "microvm" / "virtiofs" / tag
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "socket").write_text(socket_name + "\n")
-    (directory / "source").write_text(f"{source}\n")
-
-
 class MicrovmShare:
     """One VM reading one share, laid out as microvm.nix lays it out: the share declared in the VM's state
     directory, its virtiofsd in microvm-virtiofsd@VM.service with its socket beside the declaration, and
@@ -363,7 +347,7 @@ class MicrovmShare:
         self.cgroup = Cgroup.create(vm)
         self.daemon: Virtiofsd | None = None
         self.guest: Guest | None = None
-        declare_share(state_dir, vm, tag, source, self.socket.name)
+        declare_share(state_dir, vm, tag, source, socket=self.socket.name)
 
     def start(self) -> Tick:
         """Start virtiofsd and boot the guest; returns the guest's first complete tick."""
