@@ -147,7 +147,9 @@ def test_check_memory_budget(store, scratch, budget, expected):
     mp = store.mountpoint
     if expected == "over":
         assert result.returncode == 1
-        assert f"CRITICAL: store {mp}: its generations hold {used} bytes, at or over the budget of {limit} bytes" in lines
+        assert (
+            f"CRITICAL: store {mp}: its generations hold {used} bytes, at or over the budget of {limit} bytes" in lines
+        )
     elif expected == "near":
         assert result.returncode == 1
         assert f"WARNING: store {mp}: its generations hold {used} bytes, 85% of the budget of {limit} bytes" in lines
@@ -158,8 +160,8 @@ def test_check_memory_budget(store, scratch, budget, expected):
 
 def test_check_store_on_a_disk_filesystem(scratch):
     """A mount point that is a plain directory (sops-nix's ramfs not mounted) puts secrets on that disk."""
-    fstype = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "-T", str(scratch)], capture_output=True, text=True).stdout
-    fstype = fstype.strip()
+    findmnt = ["findmnt", "-n", "-o", "FSTYPE", "-T", str(scratch)]
+    fstype = subprocess.run(findmnt, capture_output=True, text=True).stdout.strip()
     if fstype in ("ramfs", "tmpfs", ""):
         pytest.skip(f"the temporary directory is on {fstype or 'an unknown filesystem'}, not a disk")
     store = SopsStore(scratch / "secrets.d", scratch / "secrets")
@@ -198,7 +200,9 @@ def as_nobody(require_root):
     """run(*args) runs `python -m exporter ARGS` as nobody with no capabilities at all."""
     if shutil.which("setpriv") is None:
         pytest.skip("setpriv not installed (Debian package util-linux)")
-    probe = subprocess.run([*SETPRIV, sys.executable, "-c", "import exporter.cli"], cwd=ROOT, capture_output=True, text=True)
+    probe = subprocess.run(
+        [*SETPRIV, sys.executable, "-c", "import exporter.cli"], cwd=ROOT, capture_output=True, text=True
+    )
     if probe.returncode != 0:
         pytest.skip(f"the venv python {sys.executable} is not usable by nobody: {probe.stderr.strip()[-300:]}")
 
@@ -282,6 +286,34 @@ def test_permission_denied_on_the_mount_point(store, scratch, as_nobody):
     assert value(text, "sopsnix_store_up", mountpoint=mp) == 0
     assert value(text, "sopsnix_generations", mountpoint=mp) is None
     assert secrets.leaked(text + result.stderr) == []
+
+
+def test_symlink_closed_to_the_exporter(store, scratch, as_nobody):
+    """The symlink sits in a directory the exporter may not search: its state is unreadable, and the fix
+    is the exporter's permissions, not another activation."""
+    linked_store(store, Secrets(), current=None)
+    output = readable_by_nobody(store, scratch)
+    closed = scratch / "closed"
+    closed.mkdir(mode=0o700)
+    link = SopsStore(store.mountpoint, closed / "secrets")
+    link.link(2)
+    config = write_config(scratch, config_data(store_config(link)))
+    result = as_nobody("check", f"--config.file={config}")
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    finding = lines.index(f"CRITICAL: store {store.mountpoint}: symlink {link.symlink} is unreadable")
+    assert lines[finding + 1] == "  fix: run the exporter in the keys group, or grant CAP_DAC_READ_SEARCH"
+
+    prom = output / "sops-nix.prom"
+    result = as_nobody("textfile", f"--config.file={config}", f"--output={prom}")
+    assert result.returncode == 0, result.stderr
+    text = prom.read_text()
+    mp = str(store.mountpoint)
+    assert series(text, "sopsnix_symlink_info") == [
+        {"mountpoint": mp, "symlink": str(link.symlink), "state": "unreadable"}
+    ]
+    assert value(text, "sopsnix_symlink_ok", mountpoint=mp) == 0
+    assert value(text, "sopsnix_generations", mountpoint=mp) == 2
 
 
 # ---------------------------------------------------------------------------------------------------------

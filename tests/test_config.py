@@ -49,7 +49,10 @@ INVALID = {
         "stores[0].mountpoint: Value error, must be an absolute path",
     ),
     "symlink-number": ("stores:\n  - mountpoint: /run/secrets.d\n    symlink: 42\n", "stores[0].symlink: "),
-    "state-dir-relative": ("microvm:\n  state_dir: microvms\n", "microvm.state_dir: Value error, must be an absolute path"),
+    "state-dir-relative": (
+        "microvm:\n  state_dir: microvms\n",
+        "microvm.state_dir: Value error, must be an absolute path",
+    ),
     "duplicate-mountpoint": (
         "stores:\n" + STORE + "  - mountpoint: /run/secrets.d/\n    symlink: /run/other\n",
         "stores: Value error, mountpoint /run/secrets.d is listed twice",

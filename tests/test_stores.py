@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ROOT, store_config, write_config
 from exporter import app, logs
+from exporter.check import report
 from exporter.collectors import StoresCollector, scan_stores
 from exporter.config import Config, StoreConfig
 from exporter.framework import Collector, Exporter, MetricSpec, RegistryAdapter
@@ -276,7 +277,11 @@ def test_default_budget_is_a_share_of_host_memory(store):
     store.write_generation(1, {"a": "b"})
     memory = host_memory_bytes()
     other = store_config(store)
-    fixed = {"mountpoint": str(store.mountpoint) + "-elsewhere", "symlink": str(store.symlink) + "-elsewhere", "memory_budget_bytes": 0}
+    fixed = {
+        "mountpoint": str(store.mountpoint) + "-elsewhere",
+        "symlink": str(store.symlink) + "-elsewhere",
+        "memory_budget_bytes": 0,
+    }
     text = exposition(config_for(other, fixed))
     assert value(text, "sopsnix_memory_budget_bytes", mountpoint=str(store.mountpoint)) == int(memory * 0.01)
     assert value(text, "sopsnix_memory_budget_bytes", mountpoint=fixed["mountpoint"]) == 0
@@ -368,7 +373,8 @@ def test_symlink_states(make_store, case):
         assert value(text, "sopsnix_pending_generations", mountpoint=mp) == 1
         assert value(text, "sopsnix_current_generation_bytes", mountpoint=mp) == du_figures(store.generation_path(2))[1]
     else:
-        for name in ("current_generation", "current_generation_bytes", "current_generation_files", "pending_generations"):
+        for name in ("current_generation", "current_generation_bytes", "current_generation_files",
+                     "pending_generations"):  # fmt: skip
             assert value(text, f"sopsnix_{name}", mountpoint=mp) is None, name
     if state == "missing":
         assert value(text, "sopsnix_last_switch_timestamp_seconds", mountpoint=mp) is None
@@ -535,7 +541,8 @@ class SwitchingMeasurer(Measurer):
 
     def usage(self, path, device, errors):
         if self.switched_to is None:
-            self.switched_to = self.store.switch({self.secrets.name(): self.secrets.content(7000)}, self.keep_generations)
+            secrets = {self.secrets.name(): self.secrets.content(7000)}
+            self.switched_to = self.store.switch(secrets, self.keep_generations)
         return super().usage(path, device, errors)
 
 
@@ -624,6 +631,12 @@ def test_failing_collector_leaves_the_others_intact(store, exporter_log, failing
     failures = [line for line in lines if "failing" in line["msg"]]
     assert len(failures) == 1, lines  # logged when it starts failing, not on every scrape
     assert failures[0]["level"] == "error" and "FileNotFoundError" in failures[0]["msg"]
+    # `check` tells the failure and still reports the store.
+    text, code = report(exporter.collect())
+    assert code == 1
+    assert "CRITICAL: collector failing failed: " in text
+    assert f"store {mp} (" in text and "current generation 1" in text
+    assert secrets.leaked(text) == []
 
     failing.failing = False
     text = generate_latest(registry).decode()
@@ -670,12 +683,14 @@ def test_never_opens_a_file_in_the_store(store, scratch):
     config = write_config(scratch, config_data(store_config(store)))
     trace = scratch / "trace"
     cmd = [strace, "-f", "-qq", "-s", "4096", "-e", "trace=open,openat,openat2,creat", "-o", str(trace),
-           sys.executable, "-m", "exporter", "textfile", f"--config.file={config}", f"--output={scratch / 'o.prom'}"]  # fmt: skip
+           sys.executable, "-m", "exporter", "textfile", f"--config.file={config}",
+           f"--output={scratch / 'o.prom'}"]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     if result.returncode != 0 and "ptrace" in result.stderr:
         pytest.skip(f"strace cannot trace here: {result.stderr.strip()}")
     assert result.returncode == 0, result.stderr
-    inside = re.compile(r'open(?:at2?)?\((?:[^,]+, )?"(' + re.escape(str(store.mountpoint)) + r'(?:/[^"]*)?)", ([^,)]+)')
+    path_below = re.escape(str(store.mountpoint)) + r'(?:/[^"]*)?'
+    inside = re.compile(r'open(?:at2?)?\((?:[^,]+, )?"(' + path_below + r')", ([^,)]+)')
     opened = [(m.group(1), m.group(2)) for m in map(inside.search, trace.read_text().splitlines()) if m]
     assert len(opened) > 10, "the trace shows no listing of the store: is the pattern right?"
     assert [(path, flags) for path, flags in opened if "O_DIRECTORY" not in flags] == []
@@ -809,5 +824,6 @@ def test_scan_values_are_plain_data(store):
     assert [g.number for g in scan.pending] == [5]
     for generation in scan.generations:
         files, used, apparent = du_figures(store.generation_path(generation.number))
-        assert (generation.usage.files, generation.usage.bytes, generation.usage.apparent_bytes) == (files, used, apparent)
+        usage = generation.usage
+        assert (usage.files, usage.bytes, usage.apparent_bytes) == (files, used, apparent)
         assert generation.usage.complete
