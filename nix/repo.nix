@@ -20,7 +20,8 @@ let
       [ ];
 
   # The line `__version__ = "X"` of exporter/__init__.py, the one place the version is written.
-  versionLines = builtins.filter (line: builtins.isString line && builtins.match "__version__ = \"[^\"]+\"" line != null) (
+  versionPattern = "__version__ = \"([^\"]+)\"";
+  versionLines = builtins.filter (line: builtins.isString line && builtins.match versionPattern line != null) (
     builtins.split "\n" (builtins.readFile ../exporter/__init__.py)
   );
 
@@ -30,7 +31,7 @@ in
 rec {
   version =
     if builtins.length versionLines == 1 then
-      builtins.head (builtins.match "__version__ = \"([^\"]+)\"" (builtins.head versionLines))
+      builtins.head (builtins.match versionPattern (builtins.head versionLines))
     else
       throw "exporter/__init__.py must set __version__ exactly once";
 

@@ -214,7 +214,7 @@ def test_web_config_file_flag_is_what_the_exporter_parses():
         args = parse_args(argv[1:])
     except SystemExit:
         pytest.skip("the exporter has no --web.config.file yet (issue 8)")
-    assert args.web_config_file == "/run/secrets/sops-nix-exporter/web.yml"
+    assert "/run/secrets/sops-nix-exporter/web.yml" in vars(args).values()
 
 
 SOPS_CASES = {
@@ -376,6 +376,7 @@ def test_exporter_makes_no_system_call_the_filter_blocks(make_store, pinners, sc
             tracer.wait()
 
     used = set(re.findall(r"^\d+\s+([a-z0-9_]+)\(", trace.read_text(errors="replace"), re.M))
+    print("system calls:", " ".join(sorted(used)))
     # The trace must cover what the unit is about: serving, and reading other processes' /proc links.
     assert {"accept4", "bind", "listen"} <= used or {"accept", "bind", "listen"} <= used, sorted(used)
     assert used & {"readlink", "readlinkat"}, sorted(used)
@@ -405,3 +406,255 @@ def test_procsubset_pid_would_break_the_stores_collector(make_store, scratch):
 
     assert stores_collector_with("") == 1.0
     assert stores_collector_with("subset=pid") == 0.0
+
+
+# --- the documented unit, run by a real systemd ------------------------------------------------------------
+
+# Scripts the container's own units run with Debian's python3 and the test helpers of this checkout.
+CONTAINER_STORES = '''
+import grp, os, subprocess, sys
+from pathlib import Path
+sys.path.insert(0, "/work/main/tests")
+from sopsnix import SAMPLE_SECRETS, SopsStore
+
+def make(mountpoint, symlink, switches):
+    """A ramfs store laid out like sops-nix's, root:keys 0751, with a closed subdirectory in each generation."""
+    keys = grp.getgrnam("keys").gr_gid
+    Path(mountpoint).mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "-o", "mode=0751", "ramfs", mountpoint], check=True)
+    os.chown(mountpoint, 0, keys)
+    store = SopsStore(Path(mountpoint), Path(symlink))
+    for _ in range(switches):
+        store.switch(SAMPLE_SECRETS, keep_generations=0)
+    for number in store.generations():
+        os.chown(store.generation_path(number), 0, keys)
+        os.chmod(store.generation_path(number) / "rendered", 0o700)  # only CAP_DAC_READ_SEARCH gets in
+
+if __name__ == "__main__":
+    make("/run/secrets.d", "/run/secrets", switches=2)
+'''
+
+# microvm-virtiofsd@MODE.service: a virtiofsd command line of that sandbox mode, pinning what /run/secrets
+# points at, in the cgroup microvm.nix gives it, with the share declared in the microvm.nix state directory.
+CONTAINER_PIN = '''
+import subprocess, sys
+from pathlib import Path
+sys.path.insert(0, "/work/main/tests")
+from pinning import command_line, declare_share, socket_name
+
+binary, mode = sys.argv[1:]
+vm, state = mode, Path("/var/lib/microvms")
+(state / vm).mkdir(parents=True, exist_ok=True)
+declare_share(state, vm, "secrets", "/run/secrets")
+process = subprocess.Popen(
+    command_line("rust", mode, "/run/secrets", socket_name(vm, "secrets")), executable=binary, cwd=state / vm,
+    env={"PIN_MODE": mode, "PIN_SOURCE": "/run/secrets", "PATH": "/usr/bin:/bin"},
+    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+)
+process.stdin.write(b"g")
+process.stdin.flush()
+assert process.stdout.readline() == b"ready\\n", "the pinner did not pin"
+Path(f"/run/pinned-{vm}").write_text("")
+sys.exit(process.wait())
+'''
+
+CONTAINER_CHECK = '''
+import json, subprocess, sys, time, traceback, urllib.request
+from pathlib import Path
+sys.path.insert(0, "/results")
+import stores
+
+def run(*argv):
+    return subprocess.run(argv, capture_output=True, text=True).stdout
+
+def scrape():
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return urllib.request.urlopen("http://127.0.0.1:9785/metrics", timeout=30).read().decode()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+result = {}
+try:
+    for vm in sys.argv[1:]:
+        deadline = time.monotonic() + 60
+        while not Path(f"/run/pinned-{vm}").exists():
+            assert time.monotonic() < deadline, f"microvm-virtiofsd@{vm} did not pin"
+            time.sleep(0.1)
+    result["before"] = scrape()
+    # A store mounted after the service started must show up inside its mount namespace.
+    stores.make("/run/secrets-for-users.d", "/run/secrets-for-users", switches=1)
+    result["after"] = scrape()
+    pid = run("systemctl", "show", "--property=MainPID", "--value", "sops-nix-exporter.service").strip()
+    result["status"] = Path(f"/proc/{pid}/status").read_text()
+    result["security"] = run("systemd-analyze", "security", "--no-pager", "sops-nix-exporter.service")
+except Exception:
+    result["error"] = traceback.format_exc()
+result["journal"] = run("journalctl", "--no-pager", "-u", "sops-nix-exporter.service")
+Path("/results/result.json").write_text(json.dumps(result))
+'''
+
+SANDBOX_MODES = ("namespace", "chroot", "none")  # one VM per mode, named after it
+CAPABILITY_BITS = {"CAP_DAC_READ_SEARCH": 2, "CAP_SYS_PTRACE": 19}  # linux/capability.h
+
+
+def free_id(taken: set[int]) -> int:
+    return next(n for n in range(64900, 65500) if n not in taken)
+
+
+def container_etc(scratch: Path, executable: Path, pinner: Path) -> tuple[Path, int, int]:
+    """A copy of the host's /etc with the exporter's user, `keys`, the documented unit and the test's units.
+    Returns it with the exporter's uid and the gid of `keys`."""
+    etc = scratch / "etc"
+    shutil.copytree("/etc", etc, symlinks=True)
+    (etc / "machine-id").write_text("")  # systemd makes up a transient one: no journal shared with the host
+    passwd = [line.split(":") for line in (etc / "passwd").read_text().splitlines() if line]
+    group = [line.split(":") for line in (etc / "group").read_text().splitlines() if line]
+    taken = {int(entry[2]) for entry in passwd + group}
+    uid = free_id(taken)
+    keys_gid = next((int(entry[2]) for entry in group if entry[0] == "keys"), None)
+    new_groups = f"sops-nix-exporter:x:{uid}:\n"
+    if keys_gid is None:
+        keys_gid = free_id(taken | {uid})
+        new_groups += f"keys:x:{keys_gid}:\n"
+    with open(etc / "group", "a") as f:
+        f.write(new_groups)
+    with open(etc / "passwd", "a") as f:
+        f.write(f"sops-nix-exporter:x:{uid}:{uid}:sops-nix exporter:/nonexistent:/usr/sbin/nologin\n")
+    (etc / "sops-nix-exporter").mkdir()
+    (etc / "sops-nix-exporter" / "config.yml").write_text(json.dumps({
+        "stores": [{"mountpoint": "/run/secrets.d", "symlink": "/run/secrets", "keep_generations": 1},
+                   {"mountpoint": "/run/secrets-for-users.d", "symlink": "/run/secrets-for-users"}],
+        "microvm": {"state_dir": "/var/lib/microvms"},
+    }))  # fmt: skip
+
+    units = etc / "systemd" / "system"
+    documented = unit_check.documented_unit(DEPLOYMENT.read_text())
+    (units / "sops-nix-exporter.service").write_text(
+        documented.replace("/opt/sops-nix-exporter/bin/sops-nix-exporter", str(executable))
+    )
+    # The test's ordering goes in a drop-in, so that the documented unit runs exactly as written.
+    (units / "sops-nix-exporter.service.d").mkdir()
+    (units / "sops-nix-exporter.service.d" / "test.conf").write_text(
+        "[Unit]\nWants=sopsnix-test-store.service\nAfter=sopsnix-test-store.service\n"
+    )
+    (units / "sopsnix-test-store.service").write_text(
+        "[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/usr/bin/python3 /results/stores.py\n"
+    )
+    (units / "microvm-virtiofsd@.service").write_text(
+        "[Unit]\nRequires=sopsnix-test-store.service\nAfter=sopsnix-test-store.service\n"
+        f"[Service]\nExecStart=/usr/bin/python3 /results/pin.py {pinner} %i\n"
+    )
+    pinners = " ".join(f"microvm-virtiofsd@{mode}.service" for mode in SANDBOX_MODES)
+    (units / "sopsnix-test-check.service").write_text(
+        f"[Unit]\nWants=sops-nix-exporter.service {pinners}\nAfter=sops-nix-exporter.service {pinners}\n"
+        "SuccessAction=poweroff\nFailureAction=poweroff\n"
+        "[Service]\nType=oneshot\nTimeoutStartSec=180\n"
+        f"ExecStart=/usr/bin/python3 /results/check.py {' '.join(SANDBOX_MODES)}\n"
+    )
+    (units / "sopsnix-test.target").write_text("[Unit]\nWants=sopsnix-test-check.service\n")
+    return etc, uid, keys_gid
+
+
+def by_labels(text: str) -> dict[tuple[str, frozenset], float]:
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(found: dict, name: str, **labels) -> float | None:
+    return found.get((name, frozenset(labels.items())))
+
+
+def test_documented_unit_runs_the_exporter_under_systemd(require_root, scratch):
+    """Debian's systemd boots in a container (systemd-nspawn over this host's /usr, with a private network
+    that has only loopback) and starts the documented unit as written. The exporter runs as its own user
+    with its two capabilities under every sandboxing setting, and still reads the store, the subdirectories
+    closed to `keys`, virtiofsd processes of all three sandbox modes, and a store mounted after it started."""
+    nspawn = tool("systemd-nspawn", "systemd-container")
+    from pinning import PinnerUnavailable, pinner_binary
+
+    executable = Path(sys.executable).parent / "sops-nix-exporter"
+    if not executable.exists():
+        pytest.skip(f"{executable} missing: install the package into the venv (pip install -e .)")
+    # The container sees this host's /usr, the checkout, and the venv and interpreter bound in below.
+    shared = {ROOT, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()}
+    for path in shared:
+        hidden = next((h for h in ("/root", "/home", "/run/user", "/tmp", "/var/tmp") if path.is_relative_to(h)), None)
+        if hidden:
+            pytest.skip(f"{path} is under {hidden}, which the unit hides from the service (ProtectHome=, "
+                        "PrivateTmp=): run the tests from a venv of a system Python, as scripts/test does")  # fmt: skip
+    try:
+        pinner = pinner_binary()
+    except PinnerUnavailable as exc:
+        pytest.skip(str(exc))
+
+    etc, uid, keys_gid = container_etc(scratch, executable, pinner)
+    results = scratch / "results"
+    results.mkdir()
+    (results / "stores.py").write_text(CONTAINER_STORES)
+    (results / "pin.py").write_text(CONTAINER_PIN)
+    (results / "check.py").write_text(CONTAINER_CHECK)
+    console = scratch / "console.log"
+    command = [
+        nspawn, "--directory=/", "--volatile=yes", "--private-network", "--register=no", "--keep-unit",
+        "--link-journal=no", f"--machine=sopsnix-test-{os.getpid()}", f"--bind={etc}:/etc",
+        f"--bind={results}:/results", f"--bind-ro={pinner.parent}",
+        *(f"--bind-ro={path}" for path in sorted(shared) if not path.is_relative_to("/usr")),
+        "--boot", "--", "systemd.unit=sopsnix-test.target",
+    ]  # fmt: skip
+    with open(console, "w") as out:
+        container = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            container.wait(timeout=240)
+        finally:
+            if container.poll() is None:
+                os.kill(container.pid, signal.SIGKILL)  # the container's processes die with nspawn
+                container.wait()
+    log = console.read_text(errors="replace")
+    if not (results / "result.json").exists():
+        if "Reached target" not in log:
+            pytest.skip(f"systemd-nspawn cannot boot a container on this machine: {log.strip()[-800:]}")
+        raise AssertionError(f"the container booted but the check did not finish:\n{log[-6000:]}")
+
+    result = json.loads((results / "result.json").read_text())
+    assert "error" not in result, f"{result['error']}\nthe exporter's journal:\n{result['journal']}"
+    before, after = by_labels(result["before"]), by_labels(result["after"])
+    secrets = {"mountpoint": "/run/secrets.d"}
+    assert value(before, "sopsnix_store_up", **secrets) == 1
+    assert value(before, "sopsnix_current_generation", **secrets) == 2
+    # Every file, the ones in the subdirectory only CAP_DAC_READ_SEARCH may enter included.
+    assert value(before, "sopsnix_current_generation_files", **secrets) == len(SAMPLE_SECRETS)
+    assert not [v for (name, _), v in before.items() if name == "sopsnix_store_scan_errors" and v], result["before"]
+    for collector in ("stores", "shares"):
+        assert value(before, "sopsnix_scrape_collector_success", collector=collector) == 1, result["journal"]
+    for capability in CAPABILITY_BITS:
+        assert value(before, "sopsnix_exporter_capability", capability=capability) == 1
+    for mode in SANDBOX_MODES:
+        share = {"vm": mode, "share": "secrets", "mountpoint": "/run/secrets.d"}
+        assert value(before, "sopsnix_vm_share_up", **share) == 1, (mode, result["before"])
+        assert value(before, "sopsnix_vm_serving_generation", **share) == 2, (mode, result["before"])
+        methods = {dict(labels)["method"] for (name, labels), v in before.items()
+                   if name == "sopsnix_vm_share_detection" and dict(labels)["vm"] == mode and v == 1}  # fmt: skip
+        assert methods and "denied" not in methods, (mode, methods)
+    # The store mounted after the exporter started propagated into the service's mount namespace.
+    users = {"mountpoint": "/run/secrets-for-users.d"}
+    assert value(before, "sopsnix_store_up", **users) == 0
+    assert value(after, "sopsnix_store_up", **users) == 1
+    assert value(after, "sopsnix_current_generation", **users) == 1
+
+    status = dict(line.split(":\t", 1) for line in result["status"].splitlines() if ":\t" in line)
+    assert status["Uid"].split() == [str(uid)] * 4
+    assert str(keys_gid) in status["Groups"].split()
+    expected = sum(1 << CAPABILITY_BITS[name] for name in unit_values()["capabilities"])
+    for capability_set in ("CapEff", "CapPrm", "CapAmb", "CapBnd"):
+        assert int(status[capability_set], 16) == expected, f"{capability_set}: {status[capability_set]}"
+    assert status["NoNewPrivs"].strip() == "1"
+    assert status["Seccomp"].strip() == "2"  # a system-call filter is installed
+    exposure = re.search(r"Overall exposure level for sops-nix-exporter\.service: ([0-9.]+)", result["security"])
+    assert exposure and float(exposure.group(1)) <= 2.5, result["security"]
