@@ -39,7 +39,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from exporter.config import _field_path
 
@@ -209,20 +218,24 @@ class RateLimit(_Strict):
         return sum(int(g) * unit for g, unit in zip(groups, DURATION_UNITS) if g)
 
 
+def _bcrypt_hash(value: SecretStr) -> SecretStr:
+    if not BCRYPT_HASH.match(value.get_secret_value()):
+        raise ValueError("not a bcrypt hash ($2y$, the cost, $ and 53 characters, as `htpasswd -nB` writes)")
+    return value
+
+
 class WebConfig(_Strict):
     tls_server_config: TLSServerConfig | None = None
     http_server_config: HTTPServerConfig = Field(default_factory=HTTPServerConfig)
-    basic_auth_users: dict[str, SecretStr] = Field(default_factory=dict)
+    basic_auth_users: dict[str, Annotated[SecretStr, AfterValidator(_bcrypt_hash)]] = Field(default_factory=dict)
     rate_limit: RateLimit | None = None
 
     @field_validator("basic_auth_users")
     @classmethod
-    def _bcrypt(cls, users: dict[str, SecretStr]) -> dict[str, SecretStr]:
-        for user, hashed in users.items():
+    def _user_names(cls, users: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for user in users:
             if not user or ":" in user:
                 raise ValueError("a user name must be non-empty and contain no ':'")
-            if not BCRYPT_HASH.match(hashed.get_secret_value()):
-                raise ValueError(f"the password of {user} is not a bcrypt hash ($2y$10$ and 53 characters)")
         return users
 
 
