@@ -68,11 +68,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    commands = {"serve", "check", "textfile"}
-    wants_top_level = any(a in ("-h", "--help", "--version") for a in argv[:1])
-    if not wants_top_level and not any(a in commands for a in argv[:1]):
-        argv = ["serve", *argv]
-    return parser().parse_args(argv)
+    commands = ("serve", "check", "textfile")
+    if argv[:1] and argv[0] in ("-h", "--help", "--version"):
+        return parser().parse_args(argv)
+    # The command may follow its flags (`--log.format=json check`); without one, `serve` is meant.
+    command = next((a for a in argv if a in commands), None)
+    rest = list(argv)
+    if command is None:
+        command = "serve"
+    else:
+        rest.remove(command)
+    return parser().parse_args([command, *rest])
 
 
 def _load(args: argparse.Namespace) -> Config:

@@ -10,10 +10,8 @@ their own.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-import traceback
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -21,6 +19,8 @@ from typing import Any, ClassVar
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector as RegistryCollector
+
+from exporter.logs import describe_exception
 
 log = logging.getLogger("exporter")
 
@@ -101,16 +101,6 @@ SCRAPE_DURATION = MetricSpec(
     "How long the collector's last scan took.",
     ("collector",),
 )
-
-
-def describe_exception(exc: BaseException) -> str:
-    """What failed and where, without the exception's text: an OSError's text carries the path, and a
-    path below a generation is a secret's name."""
-    if isinstance(exc, OSError):
-        return f"{type(exc).__name__}: {exc.strerror or 'error'}"
-    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-    where = f" at {os.path.basename(frame.filename)}:{frame.lineno}" if frame else ""
-    return f"{type(exc).__name__}{where}"
 
 
 class ProblemLog:

@@ -26,17 +26,20 @@ def _fields(record: logging.LogRecord) -> dict[str, object]:
     return fields
 
 
-def _exception_fields(exc: BaseException) -> dict[str, str]:
+def describe_exception(exc: BaseException) -> str:
     """The exception's type and where it was raised, never its text: an OSError's text carries the path
     (below a generation, a secret's name) and another exception's text may quote what was read."""
     err = type(exc).__name__
     if isinstance(exc, OSError) and exc.strerror:
         err += f": {exc.strerror}"
-    fields = {"err": err}
     if exc.__traceback__ is not None:
         frame = traceback.extract_tb(exc.__traceback__)[-1]
-        fields["at"] = f"{os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}"
-    return fields
+        err += f" at {os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}"
+    return err
+
+
+def _exception_fields(exc: BaseException) -> dict[str, str]:
+    return {"err": describe_exception(exc)}
 
 
 def _logfmt_value(value: object) -> str:

@@ -7,6 +7,7 @@ cgroup named like microvm.nix's unit, and can be declared the way microvm.nix de
 
 from __future__ import annotations
 
+import atexit
 import os
 import secrets
 import select
@@ -39,6 +40,7 @@ def pinner_binary() -> Path:
     if cc is None:
         raise PinnerUnavailable("no C compiler (Debian package gcc) to build the pinning process")
     directory = Path(tempfile.mkdtemp(prefix="sopsnix-pinner-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
     os.chmod(directory, 0o755)
     binary = directory / "virtiofsd"
     result = subprocess.run([cc, "-O1", "-Wall", "-o", str(binary), str(SUPPORT / "pinner.c")], capture_output=True)
