@@ -109,12 +109,11 @@ in
           stores = mkOption {
             type = types.listOf (types.submodule storeOptions);
             default = configuration.defaultStores (if sopsImported then config.sops else null);
-            defaultText = literalExpression ''
-              # with sops-nix's module imported:
-              [ { mountpoint = "/run/secrets.d"; symlink = "/run/secrets"; keep_generations = config.sops.keepGenerations; } ]
-              # plus, when any secret sets neededForUsers:
-              ++ [ { mountpoint = "/run/secrets-for-users.d"; symlink = "/run/secrets-for-users"; keep_generations = config.sops.keepGenerations; } ]
-              # without sops-nix: both stores, keep_generations unset
+            defaultText = lib.literalMD ''
+              With sops-nix's module imported: `/run/secrets.d` (symlink `/run/secrets`), and
+              `/run/secrets-for-users.d` (symlink `/run/secrets-for-users`) when any secret sets
+              `neededForUsers`, both with `keep_generations = config.sops.keepGenerations`.
+              Without it: both stores, `keep_generations` unset.
             '';
             description = "The sops-nix stores to watch; by default those sops-nix manages on this host.";
           };
@@ -151,7 +150,9 @@ in
     microvmStateDir = mkOption {
       type = absolutePath;
       default = if microvmHostImported then toString config.microvm.stateDir else "/var/lib/microvms";
-      defaultText = literalExpression ''config.microvm.stateDir (with microvm.nix's host module), else "/var/lib/microvms"'';
+      defaultText = lib.literalMD ''
+        `config.microvm.stateDir` with microvm.nix's host module imported, else `"/var/lib/microvms"`
+      '';
       description = "Where microvm.nix keeps its VMs; the exporter reads the declared shares there.";
     };
 
@@ -181,11 +182,16 @@ in
       type = types.path;
       readOnly = true;
       default = repo.dashboards;
-      defaultText = literalExpression "the grafana/dashboards/*.json of this repository";
+      defaultText = lib.literalMD "the `grafana/dashboards/*.json` of this repository";
       description = ''
-        Grafana dashboards, for a file provider:
-        `services.grafana.provision.dashboards.settings.providers = [ { name = "sops-nix"; options.path = config.services.sops-nix-exporter.dashboards; } ];`
-        Set whether or not the exporter is enabled on this host.
+        Grafana dashboards, as a directory for a file provider (set whether or not the exporter is
+        enabled on this host):
+
+        ```nix
+        services.grafana.provision.dashboards.settings.providers = [
+          { name = "sops-nix"; options.path = config.services.sops-nix-exporter.dashboards; }
+        ];
+        ```
       '';
     };
 
@@ -193,7 +199,7 @@ in
       type = types.listOf types.path;
       readOnly = true;
       default = repo.ruleFiles;
-      defaultText = literalExpression "the alerts/*.rules.yml of this repository";
+      defaultText = lib.literalMD "the `alerts/*.rules.yml` of this repository";
       description = ''
         Prometheus alerting and recording rules:
         `services.prometheus.ruleFiles = config.services.sops-nix-exporter.ruleFiles;`

@@ -13,7 +13,8 @@ import re
 import sys
 from pathlib import Path
 
-# Set per host (the command line) or by NixOS itself (PATH, locale and time zone data), not sandboxing.
+# Set per host (the command line) or by NixOS itself (Environment="PATH=...", locale and time zone data):
+# not part of the sandbox, and different on every host.
 NOT_COMPARED = {"ExecStart", "Environment"}
 
 _INI_BLOCK = re.compile(r"^```ini\n(.*?)^```", re.M | re.S)
@@ -33,7 +34,6 @@ def parse_unit(text: str) -> dict[str, list[tuple[str, str]]]:
         if current is None or "=" not in line:
             raise ValueError(f"not a unit file line: {raw!r}")
         key, value = line.split("=", 1)
-        # NixOS quotes values that carry spaces: Environment="A=b c"
         current.append((key.strip(), value.strip()))
     return sections
 

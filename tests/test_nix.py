@@ -3,10 +3,11 @@
 Debian's nix-bin parses every .nix file and evaluates the parts written with builtins alone: the unit's
 settings and the command line (nix/service.nix), the configuration document (nix/settings.nix) and what
 the Nix files take from the repository (nix/repo.nix). Their results go through the exporter's own
-validator and argument parser, the documented unit is compared with the settings Nix sets, Debian's
-systemd verifies and rates that unit, and strace shows the real exporter staying inside its system-call
-filter. The module under the NixOS module system, the package build and the NixOS VM test need nixpkgs:
-`nix flake check` runs them where it can be fetched (docs/deployment.md, "What is checked, and where").
+validator and argument parser, and the documented unit is compared with the settings Nix sets. Debian's
+systemd verifies and rates that unit, then boots in a container and runs it as written against a real
+store and real pinning processes; strace shows the real exporter staying inside its system-call filter.
+The module under the NixOS module system, the package build and the NixOS VM test need nixpkgs: `nix flake
+check` runs them where it can be fetched (docs/deployment.md, "What is checked, and where").
 """
 
 from __future__ import annotations
@@ -62,8 +63,11 @@ def nix_eval(expression: str):
     return json.loads(result.stdout)
 
 
-def nix_string(value) -> str:
-    return json.dumps(value)  # a JSON string literal is a Nix string literal when it has no ${
+def nix_string(value: str) -> str:
+    """A Nix string literal that reads back as exactly `value`."""
+    for plain, escaped in (("\\", "\\\\"), ('"', '\\"'), ("${", "\\${"), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t")):
+        value = value.replace(plain, escaped)
+    return f'"{value}"'
 
 
 def nix_value(value) -> str:
@@ -130,8 +134,11 @@ def test_module_declares_the_options_of_the_issue():
 def test_hardening_hides_nothing_the_exporter_reads():
     service = unit_values()["serviceConfig"]
     # Each of these would hide virtiofsd processes, /proc/meminfo, the stores or the host's identities.
-    for key in ("ProtectProc", "ProcSubset", "PrivateUsers", "PrivateNetwork", "DynamicUser", "RootDirectory",
-                "InaccessiblePaths", "TemporaryFileSystem", "BindPaths", "BindReadOnlyPaths", "IPAddressDeny"):  # fmt: skip
+    left_out = (
+        "ProtectProc", "ProcSubset", "PrivateUsers", "PrivateNetwork", "DynamicUser", "RootDirectory",
+        "InaccessiblePaths", "TemporaryFileSystem", "BindPaths", "BindReadOnlyPaths", "IPAddressDeny",
+    )  # fmt: skip
+    for key in left_out:
         assert key not in service, f"{key} is set: see docs/deployment.md, 'Settings left out on purpose'"
     assert service["ProtectSystem"] == "strict"  # read-only, /run included, nothing hidden
     assert "AF_UNIX" in service["RestrictAddressFamilies"].split()
