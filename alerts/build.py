@@ -248,9 +248,10 @@ def exporter_alerts(job: str) -> list[dict]:
 
 def rules(job: str = DEFAULT_JOB, runbook_base: str = DEFAULT_RUNBOOK_BASE, for_scale: float = 1.0) -> dict:
     groups = [
-        {"name": "sops-nix.recording", "rules": recording_rules()},
+        # Rules of one group run in order at each evaluation: the store alerts read the recording rules
+        # of the same evaluation, never one interval late.
+        {"name": "sops-nix.stores", "rules": recording_rules() + store_alerts()},
         {"name": "sops-nix.vms", "rules": vm_alerts()},
-        {"name": "sops-nix.stores", "rules": store_alerts()},
         {"name": "sops-nix.exporter", "rules": exporter_alerts(job)},
     ]
     for group in groups:
