@@ -78,7 +78,9 @@ def find(proc: str = "/proc", name: str = COMMAND_NAME) -> list[Process]:
             Process(
                 pid=int(entry),
                 ppid=ppid,
-                argv=tuple(a.decode("utf-8", "surrogateescape") for a in argv),
+                # Bytes that are not UTF-8 become visible escapes (\xff): these strings end up in labels,
+                # which must be UTF-8, and a store's path (from the UTF-8 configuration) is never among them.
+                argv=tuple(a.decode("utf-8", "backslashreplace") for a in argv),
             )
         )
     return found

@@ -122,6 +122,11 @@ def _read_small(path: str) -> str | None:
     return data.decode("utf-8", "replace").strip()
 
 
+def _label(name: str) -> str:
+    """A file name as listed (undecodable bytes as surrogates) made fit for a label: UTF-8, escapes visible."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def declared_shares(state_dir: str) -> list[DeclaredShare]:
     """The virtiofs shares microvm.nix declared for each VM under its state directory."""
     try:
@@ -140,7 +145,7 @@ def declared_shares(state_dir: str) -> list[DeclaredShare]:
                 source = _read_small(os.path.join(base, tag, "source"))
                 socket = _read_small(os.path.join(base, tag, "socket"))
                 if source:
-                    found.append(DeclaredShare(vm=vm, tag=tag, source=source, socket=socket or ""))
+                    found.append(DeclaredShare(vm=_label(vm), tag=_label(tag), source=source, socket=socket or ""))
             break  # booted wins over current: it is what the running VM was started from
     return found
 
@@ -220,7 +225,7 @@ def _vm_name(pid: int, command: Command, state_dir: str, proc: str) -> str:
 
 def processes_cwd(pid: int, proc: str) -> str | None:
     try:
-        return os.readlink(f"{proc}/{pid}/cwd")
+        return _label(os.readlink(f"{proc}/{pid}/cwd"))  # it may name the VM, a label
     except OSError:
         return None
 
