@@ -273,6 +273,122 @@ def test_configuration_document_is_accepted_by_the_exporter():
         assert config.microvm.state_dir == "/srv/microvms"
 
 
+# --- the module under the real module system, where nixpkgs' lib/ is at hand ----------------------------
+
+# nixpkgs' lib/ alone (nixpkgs itself, or the nix-community/nixpkgs.lib mirror); sops-nix's and microvm.nix's
+# sources are optional. None is fetched by the tests: point these at checkouts to run what follows.
+MODULE_EVAL_SOURCES = {"lib": "SOPSNIX_NIXPKGS_LIB", "sops-nix": "SOPSNIX_SOPS_NIX", "microvm": "SOPSNIX_MICROVM_NIX"}
+
+
+NO_LIB = f"set {MODULE_EVAL_SOURCES['lib']} to nixpkgs' lib/ to evaluate the module in the real module system"
+
+
+def module_source(name: str) -> str | None:
+    path = os.environ.get(MODULE_EVAL_SOURCES[name])
+    if path and name == "lib" and (Path(path) / "lib" / "default.nix").exists():
+        path = str(Path(path) / "lib")
+    return path if path and Path(path).exists() else None
+
+
+def eval_module(configuration: str, with_sources: tuple[str, ...] = ()) -> dict:
+    """nix/module-eval.nix: the module in lib.evalModules; see that file for what is real there and what not."""
+    lib = module_source("lib")
+    if lib is None:
+        pytest.skip(NO_LIB)
+    sources = ""
+    for name in with_sources:
+        path = module_source(name)
+        if path is None:
+            pytest.skip(f"set {MODULE_EVAL_SOURCES[name]} to a checkout of {name}")
+        sources += f" {name} = {nix_string(path)};"
+    return nix_eval(f"import ./nix/module-eval.nix {{ lib = import {nix_string(lib)};{sources} "
+                    f"configuration = {{ {configuration} }}; }}")  # fmt: skip
+
+
+def exec_argv(exec_start: str) -> list[str]:
+    """service.nix writes each word as a JSON string with % and $ doubled."""
+    words = re.findall(r'"(?:[^"\\]|\\.)*"', exec_start)
+    return [json.loads(word).replace("%%", "%").replace("$$", "$") for word in words]
+
+
+def test_module_evaluates_alone_with_the_exporter_defaults():
+    result = eval_module("services.sops-nix-exporter.enable = true;")
+    service = result["service"]
+    assert {k: v for k, v in service["serviceConfig"].items() if k != "ExecStart"} == unit_values()["serviceConfig"]
+    assert service["after"] == ["network.target"] and service["wants"] == []
+    assert result["users"]["sops-nix-exporter"]["isSystemUser"] is True
+    assert result["groups"] == {"sops-nix-exporter": {}}
+    assert result["firewall"] == []
+    config = parse_config(result["document"], source="the module's document")
+    assert [(s.mountpoint, s.keep_generations) for s in config.stores] == [
+        ("/run/secrets.d", None), ("/run/secrets-for-users.d", None)]  # fmt: skip
+    args = parse_args(exec_argv(service["serviceConfig"]["ExecStart"])[1:])
+    assert parse_listen_address(args.listen_address) == ("", 9785)
+    assert result["ruleFiles"] and all(path.endswith(".rules.yml") for path in result["ruleFiles"])
+
+
+def test_module_disabled_sets_nothing():
+    result = eval_module("")
+    assert result["service"] is None and result["users"] == {} and result["firewall"] == []
+
+
+@pytest.mark.parametrize("needed_for_users", [False, True])
+def test_module_reads_sops_nix_and_microvm_nix(needed_for_users):
+    result = eval_module(
+        "services.sops-nix-exporter.enable = true; sops.keepGenerations = 3; sops.useSystemdActivation = true;"
+        f" sops.secrets.db = {{ }}; sops.secrets.pw.neededForUsers = {str(needed_for_users).lower()};"
+        ' microvm.stateDir = "/srv/vms";',
+        with_sources=("sops-nix", "microvm"),
+    )
+    config = parse_config(result["document"], source="the module's document")
+    expected = [("/run/secrets.d", 3)] + ([("/run/secrets-for-users.d", 3)] if needed_for_users else [])
+    assert [(s.mountpoint, s.keep_generations) for s in config.stores] == expected
+    assert config.microvm.state_dir == "/srv/vms"
+    assert "sops-install-secrets.service" in result["service"]["after"]
+    assert "sops-install-secrets.service" in result["service"]["wants"]
+
+
+def test_module_options_reach_the_command_line_and_the_document():
+    result = eval_module(
+        """services.sops-nix-exporter = { enable = true; openFirewall = true; port = 9100; listenAddress = "::1";
+             memoryBudget = 1024; webConfigFile = "/run/secrets/web.yml"; extraFlags = [ "--log.level=debug" ];
+             settings.stores = [ { mountpoint = "/srv/a.d"; symlink = "/srv/a"; }
+                                 { mountpoint = "/srv/b.d"; symlink = "/srv/b"; memory_budget_bytes = 5; } ];
+             settings.memory_budget_ratio = 0.05; };"""
+    )
+    assert result["firewall"] == [9100]
+    config = parse_config(result["document"], source="the module's document")
+    assert [(s.mountpoint, s.memory_budget_bytes) for s in config.stores] == [("/srv/a.d", 1024), ("/srv/b.d", 5)]
+    assert config.memory_budget_ratio == 0.05
+    argv = exec_argv(result["service"]["serviceConfig"]["ExecStart"])
+    assert "--web.config.file=/run/secrets/web.yml" in argv and "--log.level=debug" in argv
+    assert "--web.listen-address=[::1]:9100" in argv
+
+
+@pytest.mark.parametrize(
+    "setting,option",
+    [("settings.memory_budget_ratio = 2;", "settings.memory_budget_ratio"),
+     ('settings.stores = [ { mountpoint = "/a"; symlink = "/b"; keep_generations = -1; } ];', "keep_generations"),
+     ('settings.stores = [ { mountpoint = "a"; symlink = "/b"; } ];', "mountpoint"),
+     ('settings.stores = [ { mountpoint = "/a"; symlink = "/b"; keepGenerations = 1; } ];', "keepGenerations"),
+     ('microvmStateDir = "microvms";', "microvmStateDir")],
+)  # fmt: skip
+def test_module_refuses_what_the_exporter_would_refuse(setting, option):
+    lib = module_source("lib")
+    if lib is None:
+        pytest.skip(NO_LIB)
+    configuration = f"services.sops-nix-exporter = {{ enable = true; {setting} }};"
+    expression = (
+        f"import ./nix/module-eval.nix {{ lib = import {nix_string(lib)}; configuration = {{ {configuration} }}; }}"
+    )
+    result = subprocess.run(
+        [tool("nix-instantiate", "nix-bin"), "--eval", "--strict", "--json", "--readonly-mode", "-E", expression],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert option in result.stderr and "services.sops-nix-exporter" in result.stderr, result.stderr
+
+
 # --- what the Nix files take from the repository ---------------------------------------------------------
 
 
