@@ -400,6 +400,32 @@ def test_repo_nix_selects_the_version_rules_and_dashboards():
     assert repo["ruleFileNames"] and repo["dashboardFileNames"], "nothing to hand to Prometheus or Grafana"
 
 
+def nix_list(text: str, attribute: str) -> set[str]:
+    """The names in `attribute = with python3Packages; [ ... ];` of nix/package.nix."""
+    match = re.search(rf"^  {attribute} = with python3Packages; \[(.*?)\];", text, re.M | re.S)
+    assert match, f"nix/package.nix: no {attribute} list"
+    return {line.split("#")[0].strip() for line in match.group(1).splitlines()} - {""}
+
+
+def test_package_dependencies_follow_pyproject():
+    """nixpkgs names are PyPI's, lowercased; pytest comes as pytestCheckHook."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[<>=!~ \[;]", requirement, maxsplit=1)[0].lower() for requirement in requirements}
+
+    package = (NIX / "package.nix").read_text()
+    dependencies = nix_list(package, "dependencies")
+    assert names(project["dependencies"]) <= dependencies
+    assert dependencies - names(project["dependencies"]) <= {"bcrypt"}  # optional in pyproject, wanted on NixOS
+    # The test extras nixpkgs has; the Grafana SDK is not packaged there, and its tests skip without it.
+    test_extras = names(project["optional-dependencies"]["test"])
+    wanted = (test_extras - {"grafana-foundation-sdk", "pytest"}) | {"pytestcheckhook"}
+    assert wanted == {name.lower() for name in nix_list(package, "nativeCheckInputs")}
+
+
 def test_nixos_test_script_is_python():
     script = nix_eval(
         '(import ./nix/nixos-test.nix { self = { nixosModules.default = { }; }; sops-nix = "/sops-nix"; }).testScript'
