@@ -110,12 +110,15 @@ class Pinner:
         return [int(p) for p in text.split()]
 
     def stop(self) -> None:
-        for pid in [*self.children(), self.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.process.wait(timeout=10)
+        # Once reaped, the PID may belong to someone else: signal only a process we have not waited for.
+        # (A sandboxed child dies with its parent: the pinner sets PR_SET_PDEATHSIG.)
+        if self.process.poll() is None:
+            for pid in [*self.children(), self.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.process.wait(timeout=10)
         deadline = time.monotonic() + 5
         for directory in ([self.cgroup] if self.cgroup else []) + self.extra_cgroup_dirs:
             while True:
