@@ -11,7 +11,8 @@ python3Packages.buildPythonApplication {
   inherit (repo) version;
   pyproject = true;
 
-  # The tests read docs/, alerts/ and grafana/ too. Downloaded VM kernels and bytecode stay out.
+  # The tests read docs/, alerts/, grafana/ and the Nix files too. Downloaded VM kernels and bytecode
+  # stay out.
   src = lib.fileset.toSource {
     root = ../.;
     fileset = lib.fileset.difference
@@ -24,12 +25,15 @@ python3Packages.buildPythonApplication {
           ../docs
           ../alerts
           ../grafana
+          ../flake.nix
+          ../nix
         ]
       ))
       (lib.fileset.unions [
         (lib.fileset.maybeMissing ../tests/vm/cache)
         (lib.fileset.fileFilter (file: file.hasExt "pyc") ../exporter)
         (lib.fileset.fileFilter (file: file.hasExt "pyc") ../tests)
+        (lib.fileset.fileFilter (file: file.hasExt "pyc") ../nix)
       ]);
   };
 

@@ -52,11 +52,15 @@ def tool(name: str, package: str) -> str:
     return path
 
 
+# Paths are computed, never added: no Nix store or daemon is needed, and none is touched (any user can run this).
+NO_STORE = ("--store", "dummy://")
+
+
 def nix_eval(expression: str):
-    """Strict evaluation with builtins only: no nixpkgs, no channel, nothing written to the Nix store."""
+    """Strict evaluation with builtins only: no nixpkgs, no channel, no Nix store."""
     nix_instantiate = tool("nix-instantiate", "nix-bin")
     result = subprocess.run(
-        [nix_instantiate, "--eval", "--strict", "--json", "--readonly-mode", "-E", expression],
+        [nix_instantiate, *NO_STORE, "--eval", "--strict", "--json", "-E", expression],
         cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "NIX_PATH": ""},
     )  # fmt: skip
     assert result.returncode == 0, f"nix-instantiate --eval failed:\n{result.stderr}"
@@ -91,7 +95,9 @@ def test_the_nix_files_are_all_there():
 @pytest.mark.parametrize("path", NIX_FILES, ids=[p.relative_to(ROOT).as_posix() for p in NIX_FILES])
 def test_nix_file_parses(path):
     nix_instantiate = tool("nix-instantiate", "nix-bin")
-    result = subprocess.run([nix_instantiate, "--parse", str(path)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [nix_instantiate, *NO_STORE, "--parse", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, f"{path.name} does not parse:\n{result.stderr}"
 
 
@@ -382,7 +388,7 @@ def test_module_refuses_what_the_exporter_would_refuse(setting, option):
         f"import ./nix/module-eval.nix {{ lib = import {nix_string(lib)}; configuration = {{ {configuration} }}; }}"
     )
     result = subprocess.run(
-        [tool("nix-instantiate", "nix-bin"), "--eval", "--strict", "--json", "--readonly-mode", "-E", expression],
+        [tool("nix-instantiate", "nix-bin"), *NO_STORE, "--eval", "--strict", "--json", "-E", expression],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode != 0
