@@ -10,6 +10,7 @@ import psutil
 from prometheus_client.core import Metric
 
 from exporter import __version__, mountinfo
+from exporter.cache import CachingMeasurer
 from exporter.config import Config
 from exporter.framework import Collector, MetricSpec, Problem, Snapshot
 from exporter.shares import Share, SharesResult, pinned_generations, recommended_keep_generations, scan_shares
@@ -125,7 +126,8 @@ class StoresCollector(Collector):
 
     def __init__(self, config: Config, measurer: Measurer | None = None) -> None:
         self.config = config
-        self.measurer = measurer or Measurer()
+        # Kept across scrapes: a warm scrape re-checks each generation with one stat per directory.
+        self.measurer = measurer or CachingMeasurer()
 
     def scan(self, snapshot: Snapshot) -> StoresResult:
         return scan_stores(self.config, self.measurer)

@@ -186,10 +186,16 @@ def _resolve_symlink(scan: StoreScan) -> None:
 
 
 class Measurer:
-    """Measures one generation; issue #7 replaces this with a cache keyed by directory identity."""
+    """Measures one generation afresh. exporter.cache.CachingMeasurer, the exporter's default, remembers what it
+    measured and re-checks it with one stat per directory."""
 
     def usage(self, path: str, device: int, errors: dict[str, int]) -> Usage:
         return measure(path, device, errors)
+
+    def usage_of(self, path: str, listed: os.stat_result, errors: dict[str, int]) -> Usage:
+        """What scan_store calls: listed is the generation directory's lstat from the listing, taken before
+        any walk, so a cache can check the directory without a second stat."""
+        return self.usage(path, listed.st_dev, errors)
 
     def forget_except(self, live: set[tuple[int, int]]) -> None:
         """Drop whatever is known about generations that no longer exist."""
@@ -257,7 +263,7 @@ def scan_store(
 
     for number, path, st in sorted(candidates, key=lambda c: c[0]):
         try:
-            usage = measurer.usage(path, st.st_dev, scan.scan_errors)
+            usage = measurer.usage_of(path, st, scan.scan_errors)
         except GenerationVanished:
             scan.note_error("vanished")
             continue

@@ -1,0 +1,330 @@
+"""The generation cache (exporter/cache.py): a cached scan equals a fresh one after every kind of change.
+
+Every test builds a real ramfs or tmpfs store, warms a CachingMeasurer on it, changes the store the way
+sops-nix, an operator or a reboot would, and compares the cached scan with a scan by a plain Measurer
+(no cache) of the same store. The walk counters show that the cache was really used and that a change
+costs a walk of what changed, not of everything. No timing is asserted: figures live in bench/.
+
+The cache remembers only generations whose directories have been quiet for settle_ns. The tests use a
+short settle time (still longer than any filesystem timestamp granularity) and wait it out where a test
+needs what was just written to be remembered.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from exporter import app, mountinfo
+from exporter.cache import SETTLE_NS, CachingMeasurer, walk
+from exporter.collectors import StoresCollector
+from exporter.config import Config, StoreConfig
+from exporter.framework import Exporter
+from exporter.store import Measurer, StoreScan, measure, scan_store
+from sopsnix import SopsStore, du_figures, mount, mounted, umount
+
+SETTLE_SECONDS = 0.05  # above the coarsest timestamp granularity (one jiffy at HZ=100)
+
+
+def secrets_for(generation: int, extra: int = 0) -> dict[str, bytes]:
+    """What one activation writes: secrets, a name with "/" in it, and rendered templates (nested too)."""
+    secrets: dict[str, bytes] = {f"secret-{i}": os.urandom(40 + 97 * i + generation) for i in range(6 + extra)}
+    secrets["tls/key.pem"] = os.urandom(1704)
+    secrets["rendered/app.env"] = b"A=1\n" * (600 + generation)
+    secrets["rendered/nested/deep.conf"] = os.urandom(5000 + generation)
+    return secrets
+
+
+def settle() -> None:
+    time.sleep(SETTLE_SECONDS + 0.02)
+
+
+class Pair:
+    """A store scanned both ways: by a warm CachingMeasurer and by a plain Measurer."""
+
+    def __init__(self, store: SopsStore, keep_generations: int | None = 0) -> None:
+        self.store = store
+        self.config = StoreConfig(
+            mountpoint=str(store.mountpoint), symlink=str(store.symlink), keep_generations=keep_generations
+        )
+        self.cached = CachingMeasurer(settle_ns=int(SETTLE_SECONDS * 1e9))
+
+    def scan(self, measurer: Measurer) -> StoreScan:
+        return scan_store(self.config, 0, mountinfo.read(), measurer)
+
+    def compare(self) -> StoreScan:
+        """Scan cached, then fresh, then cached again; all three must agree. Returns the fresh scan."""
+        cached = self.scan(self.cached)
+        fresh = self.scan(Measurer())
+        assert cached == fresh
+        assert self.scan(self.cached) == fresh
+        return fresh
+
+    def walks_for(self, action=None) -> int:
+        """How many generations a cached scan walks (after action, if given)."""
+        if action is not None:
+            action()
+        before = self.cached.walks
+        self.scan(self.cached)
+        return self.cached.walks - before
+
+
+def warm(store: SopsStore, generations: int = 4, keep_generations: int | None = 0) -> Pair:
+    for number in range(1, generations + 1):
+        store.switch(secrets_for(number), keep_generations=keep_generations or 0)
+    pair = Pair(store, keep_generations)
+    settle()
+    pair.compare()
+    assert pair.walks_for() == 0, "a warm scan of an unchanged store walks nothing"
+    assert pair.cached.known == generations
+    return pair
+
+
+def test_warm_scan_equals_fresh_and_find(store):
+    pair = warm(store, generations=5)
+    fresh = pair.compare()
+    files, blocks, apparent = du_figures(store.mountpoint)
+    assert (fresh.total.files, fresh.total.bytes, fresh.total.apparent_bytes) == (files, blocks, apparent)
+    assert pair.cached.hits >= 5
+
+
+def test_walk_equals_measure(store):
+    store.write_generation(1, secrets_for(1))
+    path = str(store.generation_path(1))
+    device = os.lstat(path).st_dev
+    errors: dict[str, int] = {}
+    usage, relatives, signature = walk(path, device, errors)
+    assert usage == measure(path, device, {}) and not errors
+    assert sorted(relatives) == ["rendered", "rendered/nested", "tls"]
+    assert len(signature) == 4 * (1 + len(relatives))
+
+
+def test_new_generation_costs_one_walk(store):
+    pair = warm(store)
+    assert pair.walks_for(lambda: store.switch(secrets_for(5), keep_generations=0)) == 1
+    fresh = pair.compare()
+    assert [g.number for g in fresh.generations] == [1, 2, 3, 4, 5] and fresh.current.number == 5
+
+
+def test_pruned_generation_is_forgotten(store):
+    pair = warm(store)
+    assert pair.walks_for(lambda: store.switch(secrets_for(5), keep_generations=2)) == 1
+    fresh = pair.compare()
+    assert [g.number for g in fresh.generations] == [4, 5]
+    settle()
+    pair.scan(pair.cached)
+    assert pair.cached.known == 2
+
+
+def test_reused_number(store):
+    """rm -r a generation and write it again under the same number with other content."""
+    pair = warm(store)
+    before = pair.scan(Measurer()).by_number(2)
+
+    def rewrite():
+        shutil.rmtree(store.generation_path(2))
+        store.write_generation(2, secrets_for(2, extra=3))
+
+    assert pair.walks_for(rewrite) == 1
+    after = pair.compare().by_number(2)
+    assert after.usage != before.usage
+
+
+def test_rewritten_in_place(store):
+    """The same directory (same inode) emptied and filled again: only its timestamps tell."""
+    pair = warm(store)
+    directory = store.generation_path(3)
+    before = pair.scan(Measurer()).by_number(3)
+
+    def rewrite():
+        for entry in directory.iterdir():
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        for name, content in secrets_for(3, extra=2).items():
+            (directory / name).parent.mkdir(parents=True, exist_ok=True)
+            (directory / name).write_bytes(content)
+
+    assert pair.walks_for(rewrite) == 1
+    after = pair.compare().by_number(3)
+    assert (after.inode, after.usage != before.usage) == (before.inode, True)
+
+
+def test_recreated_pending_generation(store):
+    """A generation written above the current one and never linked, then removed and written again."""
+    pair = warm(store)
+    store.write_generation(5, secrets_for(5))
+    settle()
+    pending = pair.compare()
+    assert [g.number for g in pending.pending] == [5]
+
+    def recreate():
+        shutil.rmtree(store.generation_path(5))
+        store.write_generation(5, secrets_for(5, extra=4))
+
+    assert pair.walks_for(recreate) == 1
+    again = pair.compare()
+    assert again.by_number(5).usage != pending.by_number(5).usage
+
+
+@pytest.mark.parametrize("where", ["rendered/nested", "rendered", "."])
+def test_file_added_and_removed_below(store, where):
+    pair = warm(store)
+    directory = store.generation_path(2) / where
+    added = directory / "added-later"
+    assert pair.walks_for(lambda: added.write_bytes(os.urandom(9000))) == 1
+    assert pair.compare().by_number(2).usage.files == pair.scan(Measurer()).by_number(2).usage.files
+    settle()
+    pair.scan(pair.cached)
+    assert pair.walks_for(added.unlink) == 1
+    pair.compare()
+
+
+def test_directory_replaced_below(store):
+    """rendered/ swapped for another directory by rename: the generation directory changes too."""
+    pair = warm(store)
+    generation = store.generation_path(1)
+    (generation / "rendered.new").mkdir()
+    (generation / "rendered.new" / "only.env").write_bytes(b"x" * 100)
+    settle()
+    pair.scan(pair.cached)
+    shutil.rmtree(generation / "rendered")
+    assert pair.walks_for(lambda: os.rename(generation / "rendered.new", generation / "rendered")) == 1
+    assert pair.compare().by_number(1).usage.files == len(secrets_for(1)) - 2 + 1
+
+
+def test_stacked_mount(store, scratch):
+    """A second ramfs mounted on top of the store hides every generation; unmounting it shows them again."""
+    pair = warm(store)
+    lower = pair.compare()
+    mount("ramfs", store.mountpoint, "mode=0751")
+    try:
+        store.switch(secrets_for(1), keep_generations=0)
+        upper = pair.compare()
+        assert upper.mounts == 2 and [g.number for g in upper.generations] == [1]
+        assert upper.device != lower.device
+    finally:
+        umount(store.mountpoint)
+    store.link(4)
+    again = pair.compare()
+    assert (again.mounts, again.device, again.generations) == (1, lower.device, lower.generations)
+
+
+def test_mount_inside_a_generation(store):
+    """A filesystem mounted on rendered/ is not part of the generation, and unmounting it is noticed."""
+    pair = warm(store)
+    rendered = store.generation_path(2) / "rendered"
+    mount("ramfs", rendered, "mode=0751")
+    try:
+        (rendered / "on-the-mount").write_bytes(os.urandom(8000))
+        assert pair.walks_for() == 1
+        pair.compare()
+    finally:
+        umount(rendered)
+    # Back to exactly the directories that were remembered before the mount: served from the cache again.
+    assert pair.walks_for() == 0
+    pair.compare()
+
+
+def test_same_numbers_after_a_remount(store):
+    """A reboot in small: the store's filesystem replaced by a fresh one holding the same numbers.
+
+    A fresh tmpfs numbers its inodes from the start again and the device number is usually handed out
+    again, so the same (device, inode) can name another directory: the timestamps must tell them apart.
+    """
+    pair = warm(store, generations=3)
+    fstype = mountinfo.mounts_at(mountinfo.read(), os.path.realpath(store.mountpoint))[-1].fstype
+    before = pair.compare()
+    umount(store.mountpoint)
+    mount(fstype, store.mountpoint, "mode=0751" if fstype == "ramfs" else "mode=0751,size=64m")
+    for number in (1, 2, 3):
+        store.write_generation(number, secrets_for(number, extra=number))
+    store.link(3)
+    after = pair.compare()
+    assert [g.number for g in after.generations] == [1, 2, 3]
+    assert [g.usage for g in after.generations] != [g.usage for g in before.generations]
+
+
+def test_unsettled_generation_is_walked_every_time(store):
+    """What was written within the settle time may still be being written: never remembered."""
+    for number in (1, 2):
+        store.switch(secrets_for(number), keep_generations=0)
+    pair = Pair(store)
+    pair.cached = CachingMeasurer()  # the real settle time, two seconds
+    assert SETTLE_NS >= 1_000_000_000
+    assert pair.walks_for() == 2
+    assert pair.walks_for() == 2
+    pair.compare()
+    assert pair.cached.known == 0
+
+
+def test_file_growing_during_the_settle_time(store):
+    """A file still being written just after its entry was created is not frozen into the cache."""
+    store.switch(secrets_for(1), keep_generations=0)
+    pair = Pair(store)
+    pair.cached = CachingMeasurer()  # the real settle time: what follows takes far less than two seconds
+    store.write_generation(2, {"secret": b"", "rendered/app.env": b""})
+    assert pair.scan(pair.cached).by_number(2).usage.apparent_bytes == 0
+    (store.generation_path(2) / "rendered" / "app.env").write_bytes(b"x" * 20000)
+    (store.generation_path(2) / "secret").write_bytes(b"y" * 5000)
+    assert pair.compare().by_number(2).usage.apparent_bytes == 25000
+
+
+def test_stores_sharing_one_measurer(make_store, scratch):
+    """forget_except after one store's scan keeps what is known about the other store."""
+    first, second = make_store("ramfs", "first"), make_store("tmpfs", "second")
+    for store in (first, second):
+        for number in (1, 2, 3):
+            store.switch(secrets_for(number), keep_generations=0)
+    configs = [StoreConfig(mountpoint=str(s.mountpoint), symlink=str(s.symlink)) for s in (first, second)]
+    cached = CachingMeasurer(settle_ns=int(SETTLE_SECONDS * 1e9))
+    settle()
+    scan = lambda measurer: [scan_store(c, 0, mountinfo.read(), measurer) for c in configs]  # noqa: E731
+    assert scan(cached) == scan(Measurer())
+    walks = cached.walks
+    assert scan(cached) == scan(Measurer())
+    assert cached.walks == walks and cached.known == 6
+    second.switch(secrets_for(4), keep_generations=1)
+    assert scan(cached) == scan(Measurer())
+    assert cached.walks == walks + 1, "only the new generation is walked; the first store stays known"
+    settle()
+    scan(cached)
+    assert cached.known == 3 + 1
+
+
+def test_the_exporter_scrapes_through_the_cache(store):
+    for number in (1, 2, 3):
+        store.switch(secrets_for(number), keep_generations=0)
+    config = Config(stores=[StoreConfig(mountpoint=str(store.mountpoint), symlink=str(store.symlink))])
+    assert isinstance(next(c for c in app.collectors(config) if c.name == "stores").measurer, CachingMeasurer)
+    stores = StoresCollector(config)
+    exporter = Exporter([stores])
+    stores.measurer.settle_ns = int(SETTLE_SECONDS * 1e9)
+    settle()
+    first = exporter.collect().result("stores")
+    second = exporter.collect().result("stores")
+    assert stores.measurer.walks == 3 and stores.measurer.hits == 3
+    assert first == second == Exporter([StoresCollector(config, Measurer())]).collect().result("stores")
+
+
+def test_a_walk_leaves_no_descriptor_open(store):
+    warm(store)
+    before = set(os.listdir("/proc/self/fd"))
+    for number in (1, 2, 3, 4):
+        path = str(store.generation_path(number))
+        walk(path, os.lstat(path).st_dev, {})
+    assert set(os.listdir("/proc/self/fd")) == before
+
+
+def test_mounted_fixture_is_real(scratch):
+    """The stores above are real mounts: a guard against a fixture that silently fell back to a directory."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount ramfs")
+    with mounted("ramfs", scratch) as target:
+        assert any(m.mount_point == str(target) for m in mountinfo.read())
+        assert Path(target).stat().st_dev != scratch.stat().st_dev
