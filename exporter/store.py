@@ -270,18 +270,68 @@ def scan_store(
         scan.generations.append(Generation(number=number, device=st.st_dev, inode=st.st_ino, usage=usage))
     measurer.forget_except({(g.device, g.inode) for g in scan.generations})
     _resolve_symlink(scan)
-    if retry and scan.symlink_state is SymlinkState.OUTSIDE and _links_unlisted_generation(scan):
-        # An activation ran during the scan and linked a generation the listing had not seen: the store is
-        # fine, the scan is stale. One fresh scan sees it after the switch.
-        return scan_store(config, budget_bytes, mounts, measurer, retry=False)
+    if _switched_meanwhile(scan):
+        if retry:
+            # An activation ran during the scan and linked a generation the listing had not seen: the store
+            # is fine, the scan is stale. One fresh scan sees it after the switch.
+            return scan_store(config, budget_bytes, mounts, measurer, retry=False)
+        # Switches faster than scans: not a third scan, which would race the same way, but catching up
+        # with the one generation now linked; only another switch within that moment needs a retry.
+        for _ in range(CATCH_UP_ATTEMPTS):
+            _resolve_symlink(scan)
+            if scan.symlink_state is SymlinkState.OUTSIDE and _switched_meanwhile(scan):
+                _catch_up_with_switch(scan, measurer)
+            if not _switched_meanwhile(scan):
+                break
     return scan
 
 
-def _links_unlisted_generation(scan: StoreScan) -> bool:
+CATCH_UP_ATTEMPTS = 10
+
+
+def _switched_meanwhile(scan: StoreScan) -> bool:
+    """The symlink looked outside the store or dangling only because switches ran during the scan: it now
+    names an existing generation directory that the listing had not seen (outside), or that the prune of
+    later switches removed while the kernel followed the symlink (dangling, keepGenerations switches
+    within one stat)."""
+    if scan.symlink_state not in (SymlinkState.OUTSIDE, SymlinkState.DANGLING):
+        return False
     target = os.path.realpath(scan.symlink)
     number = generation_number(os.path.basename(target))
     return (
         number is not None
         and os.path.dirname(target) == os.path.realpath(scan.mountpoint)
-        and scan.by_number(number) is None
+        and os.path.isdir(target)
+        and (scan.symlink_state is SymlinkState.DANGLING or scan.by_number(number) is None)
     )
+
+
+def _catch_up_with_switch(scan: StoreScan, measurer: Measurer) -> None:
+    """The symlink names a generation created after the listing. Measure it, and drop the listed ones that
+    the switch's prune has removed since: the figures then describe the store just after the switch, never
+    more generations than existed at once, nor a store without a current generation."""
+    name = os.path.basename(os.path.realpath(scan.symlink))
+    number = generation_number(name)
+    path = os.path.join(scan.mountpoint, name)
+    try:
+        listed = os.lstat(path)
+        if number is None or not stat.S_ISDIR(listed.st_mode) or listed.st_dev != scan.device:
+            return
+        usage = measurer.usage_of(path, listed, scan.scan_errors)
+    except (OSError, GenerationVanished):
+        return  # switched again meanwhile: the symlink stays reported as it was found
+    still_there = []
+    for generation in scan.generations:
+        try:
+            st = os.lstat(os.path.join(scan.mountpoint, str(generation.number)))
+        except OSError:
+            st = None
+        if st is not None and (st.st_dev, st.st_ino) == (generation.device, generation.inode):
+            still_there.append(generation)
+        else:
+            scan.note_error("vanished")
+    scan.current = Generation(number=number, device=listed.st_dev, inode=listed.st_ino, usage=usage)
+    scan.generations = sorted([*still_there, scan.current], key=lambda g: g.number)
+    scan.symlink_state = SymlinkState.OK
+
+
