@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 import sys
 import time
 
@@ -122,15 +123,20 @@ def walk(path: str, device: int, errors: dict[str, int]) -> tuple[Usage, list[st
     return Usage(files=files, bytes=blocks * 512, apparent_bytes=size, complete=complete), relatives, tuple(signature)
 
 
+# One directory's identity, packed: thousands of generations are remembered, each in one small bytes object
+# rather than a tuple of eight integers.
+_IDENTITY = struct.Struct("=QQqq")
+
+
 class _Known:
     """One generation as last walked: its usage and the directories whose identity vouches for it."""
 
-    __slots__ = ("usage", "relatives", "signature")
+    __slots__ = ("usage", "relatives", "identities")
 
-    def __init__(self, usage: Usage, relatives: tuple[str, ...], signature: Signature) -> None:
+    def __init__(self, usage: Usage, relatives: tuple[str, ...], identities: bytes) -> None:
         self.usage = usage
         self.relatives = relatives
-        self.signature = signature
+        self.identities = identities  # the signature, packed with _IDENTITY
 
 
 class CachingMeasurer(Measurer):
@@ -151,6 +157,7 @@ class CachingMeasurer(Measurer):
         self.settle_ns = settle_ns
         self._groups: dict[str, dict[tuple[int, int], _Known]] = {}
         self._listed_in: set[str] = set()  # groups seen since the last forget_except
+        self._last_shape: tuple[str, ...] = ()  # shared by the generations laid out alike, as most are
         self.walks = 0
         self.hits = 0
 
@@ -178,14 +185,15 @@ class CachingMeasurer(Measurer):
         known = group.get((listed.st_dev, listed.st_ino))
         if known is not None:
             # The check, inline: it runs for every generation on every scrape.
-            signature = (listed.st_dev, listed.st_ino, listed.st_mtime_ns, listed.st_ctime_ns)
+            pack = _IDENTITY.pack
+            identities = pack(listed.st_dev, listed.st_ino, listed.st_mtime_ns, listed.st_ctime_ns)
             try:
                 for relative in known.relatives:
                     st = os.lstat(path + "/" + relative)
-                    signature += (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+                    identities += pack(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
             except OSError:
-                signature = ()
-            if signature == known.signature:
+                identities = b""
+            if identities == known.identities:
                 self.hits += 1
                 return known.usage
         return self._walk(path, listed.st_dev, errors, group)
@@ -205,7 +213,12 @@ class CachingMeasurer(Measurer):
         settled_before = started_ns - self.settle_ns
         if all(signature[i] <= settled_before and signature[i + 1] <= settled_before
                for i in range(2, len(signature), 4)):  # fmt: skip
-            group[(signature[0], signature[1])] = _Known(usage, tuple(relatives), signature)
+            shape = tuple(relatives)
+            if shape == self._last_shape:
+                shape = self._last_shape
+            self._last_shape = shape
+            identities = b"".join(_IDENTITY.pack(*signature[i : i + 4]) for i in range(0, len(signature), 4))
+            group[(signature[0], signature[1])] = _Known(usage, shape, identities)
         return usage
 
     def forget_except(self, live: set[tuple[int, int]]) -> None:
