@@ -689,9 +689,12 @@ class Bench:
 def start_pinners(base: Path, store: Store, state_dir: Path, cleanup: list) -> str:
     """Three processes named virtiofsd pinning the current generation, one per sandbox mode."""
     try:
+        import pinning
         from pinning import PinnerUnavailable, start_pinner
     except ImportError as exc:
         return f"none (tests/pinning.py: {exc})"
+    if pinning._binary is None:  # compiled below, into a temporary directory of its own: remove it at the end
+        cleanup.append(lambda: pinning._binary and shutil.rmtree(pinning._binary.parent, ignore_errors=True))
     started = []
     for vm, mode in (("bench-a", "namespace"), ("bench-b", "chroot"), ("bench-c", "none")):
         try:
@@ -725,6 +728,9 @@ def main() -> int:
     logging.getLogger("exporter").setLevel(logging.CRITICAL)
     info = machine()
     print("machine: " + "; ".join(f"{k} {v}" for k, v in info.items()))
+    # Clean up on Ctrl-C or kill as well: a background job ignores SIGINT unless told otherwise.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"bench/run.py: signal {signum}, cleaning up"))
     base = Path(tempfile.mkdtemp(prefix="sopsnix-bench-"))
     os.chmod(base, 0o755)
     cleanup: list = []
