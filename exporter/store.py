@@ -75,10 +75,14 @@ class StoreScan:
 
     @property
     def total(self) -> Usage:
-        total = Usage()
-        for generation in self.generations:
-            total = total + generation.usage
-        return total
+        # Plain sums, not a chain of Usage objects: a scrape asks several times, of thousands of generations.
+        usages = [generation.usage for generation in self.generations]
+        return Usage(
+            files=sum(u.files for u in usages),
+            bytes=sum(u.bytes for u in usages),
+            apparent_bytes=sum(u.apparent_bytes for u in usages),
+            complete=all(u.complete for u in usages),
+        )
 
     @property
     def oldest(self) -> Generation | None:
