@@ -255,6 +255,9 @@ class Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = f"sops-nix-exporter/{__version__}"
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes; with Nagle the second waits for the client's delayed ACK
+    # (about 40 ms on every scrape of a kept-alive connection, which is how Prometheus scrapes).
+    disable_nagle_algorithm = True
 
     def __init__(self, request, client_address, server: _Server, settings: WebSettings) -> None:
         self.settings = settings
