@@ -27,11 +27,16 @@ Nothing here opens a file: directories are opened to be listed (O_NOFOLLOW), fil
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import logging
 import os
 import stat
 import struct
 import sys
 import time
+import weakref
+from collections.abc import Callable
 
 from exporter.store import GenerationVanished, Measurer, Usage, error_reason
 
@@ -49,13 +54,16 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns
 
 
-def walk(path: str, device: int, errors: dict[str, int]) -> tuple[Usage, list[str], Signature]:
+def walk(
+    path: str, device: int, errors: dict[str, int], opened: Callable[[int], None] | None = None
+) -> tuple[Usage, list[str], Signature]:
     """Sum the regular files below path like store.measure, and note every directory on the way.
 
     Returns the usage, the paths of the directories below path (relative, walk order) and the signature:
     the identity of path itself followed by that of each of those directories, each taken before the
     directory was listed. Directories on another filesystem (something mounted inside a generation) are
     noted but not entered, as measure does. Raises GenerationVanished when path itself disappears.
+    opened, if given, is called with the descriptor of each directory entered, before it is listed.
     """
     files = blocks = size = 0
     complete = True
@@ -78,6 +86,8 @@ def walk(path: str, device: int, errors: dict[str, int]) -> tuple[Usage, list[st
         return Usage(complete=complete), relatives, ()
     try:
         signature.extend(_identity(os.fstat(root_fd)))
+        if opened is not None:
+            opened(root_fd)
     except OSError as exc:
         os.close(root_fd)
         failed(exc)
@@ -110,7 +120,10 @@ def walk(path: str, device: int, errors: dict[str, int]) -> tuple[Usage, list[st
                         try:
                             # By its full path, not relative to directory_fd: a trace of the exporter then names
                             # every directory it opens (tests/test_stores.py checks that only directories are).
-                            pending.append((relative + "/", os.open(path + "/" + relative, _DIRECTORY_FLAGS)))
+                            directory = os.open(path + "/" + relative, _DIRECTORY_FLAGS)
+                            pending.append((relative + "/", directory))
+                            if opened is not None:
+                                opened(directory)
                         except OSError as exc:
                             failed(exc)
             except OSError as exc:  # the listing itself
@@ -127,20 +140,85 @@ def walk(path: str, device: int, errors: dict[str, int]) -> tuple[Usage, list[st
 # rather than a tuple of eight integers.
 _IDENTITY = struct.Struct("=QQqq")
 
+log = logging.getLogger(__name__)
+
+# inotify(7): every change to a directory's entries, to a file in it (IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE on a
+# directory watch report those of the files it holds), or to the directory itself.
+IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x2, 0x4, 0x8
+IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200
+IN_DELETE_SELF, IN_MOVE_SELF = 0x400, 0x800
+IN_Q_OVERFLOW = 0x4000
+IN_ONLYDIR = 0x01000000
+_WATCH_MASK = (
+    IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE
+    | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
+)  # fmt: skip
+_EVENT = struct.Struct("=iIII")  # wd, mask, cookie, len; then len bytes of name
+
+
+class Inotify:
+    """An inotify instance through libc (ctypes): watch directories, read which watches saw something."""
+
+    def __init__(self) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        self.fd = fd
+        self._finalizer = weakref.finalize(self, os.close, fd)
+
+    def watch_descriptor(self, directory_fd: int) -> int:
+        """Watch the directory open as directory_fd: exactly the inode that is about to be listed, whatever its
+        path names by then (/proc/self/fd/N is followed to the open directory itself, so no IN_DONT_FOLLOW)."""
+        wd = self._libc.inotify_add_watch(self.fd, f"/proc/self/fd/{directory_fd}".encode(), _WATCH_MASK)
+        if wd < 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        return wd
+
+    def unwatch(self, wd: int) -> None:
+        self._libc.inotify_rm_watch(self.fd, wd)  # EINVAL when the kernel already dropped it: nothing to do
+
+    def read(self) -> tuple[set[int], bool]:
+        """The watches that reported anything since the last read (IN_IGNORED and IN_UNMOUNT too), and whether
+        the queue overflowed (then events were lost: every watch must be taken as having reported)."""
+        seen: set[int] = set()
+        overflowed = False
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return seen, overflowed
+            offset = 0
+            while offset < len(data):
+                wd, mask, _, length = _EVENT.unpack_from(data, offset)
+                offset += _EVENT.size + length
+                if mask & IN_Q_OVERFLOW:
+                    overflowed = True
+                else:
+                    seen.add(wd)
+
+    def close(self) -> None:
+        self._finalizer()
+
 
 class _Known:
     """One generation as last walked: its usage and the directories whose identity vouches for it."""
 
-    __slots__ = ("usage", "relatives", "identities")
+    __slots__ = ("usage", "relatives", "identities", "watches")
 
-    def __init__(self, usage: Usage, relatives: tuple[str, ...], identities: bytes) -> None:
+    def __init__(self, usage: Usage, relatives: tuple[str, ...], identities: bytes, watches: tuple[int, ...]) -> None:
         self.usage = usage
         self.relatives = relatives
         self.identities = identities  # the signature, packed with _IDENTITY
+        # inotify watches on every directory of the generation, placed before each was listed; () when unwatched
+        self.watches = watches
+
+
+Key = tuple[str, tuple[int, int]]  # the group (the directory listed) and (st_dev, st_ino) of the generation
 
 
 class CachingMeasurer(Measurer):
-    """A Measurer that walks each generation once and afterwards re-checks it with one lstat per directory.
+    """A Measurer that walks each generation once and afterwards serves it from inotify or one lstat per directory.
 
     What is known is grouped by the directory the generation was listed in (the store's mount point), so
     that forget_except, called at the end of each store's scan, drops only that store's gone generations
@@ -148,16 +226,27 @@ class CachingMeasurer(Measurer):
     emptied by hand) keeps its group until it lists one again; nothing in it is served before its
     directories check out unchanged.
 
-    Used by one scan at a time (Exporter.collect lets concurrent scrapes share the scan in flight).
-    walks and hits count generations walked and generations served from what was known (bench/ and the
-    tests read them).
+    watch_limit caps the inotify watches this measurer holds (None: only the kernel's limits; 0: no inotify,
+    every generation is checked by lstat). Used by one scan at a time (Exporter.collect lets concurrent
+    scrapes share the scan in flight). walks and hits count generations walked and generations served from
+    what was known (bench/ and the tests read them).
     """
 
-    def __init__(self, settle_ns: int = SETTLE_NS) -> None:
+    def __init__(self, settle_ns: int = SETTLE_NS, watch_limit: int | None = None) -> None:
         self.settle_ns = settle_ns
+        self.watch_limit = watch_limit
         self._groups: dict[str, dict[tuple[int, int], _Known]] = {}
         self._listed_in: set[str] = set()  # groups seen since the last forget_except
         self._last_shape: tuple[str, ...] = ()  # shared by the generations laid out alike, as most are
+        self._watched: dict[int, Key] = {}  # inotify watch descriptor -> the generation it vouches for
+        self._drained = False  # the inotify queue has been read since the last forget_except
+        self._inotify: Inotify | None = None
+        self._said_unwatched = False
+        if watch_limit != 0:
+            try:
+                self._inotify = Inotify()
+            except (OSError, AttributeError) as exc:  # no inotify in this kernel or libc
+                self._unwatched(f"inotify unavailable ({exc})")
         self.walks = 0
         self.hits = 0
 
@@ -165,6 +254,72 @@ class CachingMeasurer(Measurer):
     def known(self) -> int:
         """Generations currently remembered."""
         return sum(len(group) for group in self._groups.values())
+
+    @property
+    def watches(self) -> int:
+        """inotify watches currently held."""
+        return len(self._watched)
+
+    def close(self) -> None:
+        """Drop every watch and the inotify descriptor (also done when the measurer is garbage-collected)."""
+        if self._inotify is not None:
+            self._inotify.close()
+            self._inotify = None
+        self._watched.clear()
+        for group in self._groups.values():
+            for known in group.values():
+                known.watches = ()
+
+    def _unwatched(self, reason: str) -> None:
+        if not self._said_unwatched:
+            self._said_unwatched = True
+            log.debug("generations checked by lstat instead of inotify: %s", reason)
+
+    def _drain(self) -> None:
+        """Forget every generation whose watches reported anything since the last drain."""
+        self._drained = True
+        if self._inotify is None or not self._watched:
+            return
+        seen, overflowed = self._inotify.read()
+        if overflowed:
+            for group_name, group in self._groups.items():
+                for key in list(group):
+                    self._forget(group_name, key)
+            return
+        for wd in seen:
+            owner = self._watched.get(wd)  # None: a watch already removed (its IN_IGNORED)
+            if owner is not None:
+                self._forget(*owner)
+
+    def _forget(self, group_name: str, key: tuple[int, int]) -> None:
+        known = self._groups.get(group_name, {}).pop(key, None)
+        if known is not None:
+            self._release(known.watches)
+
+    def _release(self, watches: tuple[int, ...], keep: tuple[int, ...] = ()) -> None:
+        """Remove the watches of a generation no longer remembered (or remembered with others now)."""
+        for wd in watches:
+            if wd not in keep and self._watched.pop(wd, None) is not None and self._inotify is not None:
+                self._inotify.unwatch(wd)
+
+    def _discard(self, added: list[int], keep: tuple[int, ...]) -> None:
+        """Remove the watches a walk placed that vouch for nothing: neither kept nor held for a generation."""
+        for wd in added:
+            if wd not in keep and wd not in self._watched and self._inotify is not None:
+                self._inotify.unwatch(wd)
+
+    def vouched(self, path: str, device: int, inode: int) -> Usage | None:
+        if not self._drained:
+            self._drain()
+        group_name = path.rpartition("/")[0]
+        if group_name not in self._listed_in:
+            self._listed_in.add(group_name)
+        group = self._groups.get(group_name)
+        known = group.get((device, inode)) if group is not None else None
+        if known is None or not known.watches:
+            return None
+        self.hits += 1
+        return known.usage
 
     def usage(self, path: str, device: int, errors: dict[str, int]) -> Usage:
         try:
@@ -176,6 +331,8 @@ class CachingMeasurer(Measurer):
         return self.usage_of(path, listed, errors)
 
     def usage_of(self, path: str, listed: os.stat_result, errors: dict[str, int]) -> Usage:
+        if not self._drained:
+            self._drain()
         group_name = path.rpartition("/")[0]
         if group_name not in self._listed_in:
             self._listed_in.add(group_name)
@@ -184,7 +341,7 @@ class CachingMeasurer(Measurer):
             group = self._groups[group_name] = {}
         known = group.get((listed.st_dev, listed.st_ino))
         if known is not None:
-            # The check, inline: it runs for every generation on every scrape.
+            # The check, inline: it runs for every generation on every scrape that inotify cannot vouch for.
             pack = _IDENTITY.pack
             identities = pack(listed.st_dev, listed.st_ino, listed.st_mtime_ns, listed.st_ctime_ns)
             try:
@@ -196,18 +353,41 @@ class CachingMeasurer(Measurer):
             if identities == known.identities:
                 self.hits += 1
                 return known.usage
-        return self._walk(path, listed.st_dev, errors, group)
+        return self._walk(path, listed.st_dev, errors, group_name)
 
-    def _walk(
-        self, path: str, device: int, errors: dict[str, int], group: dict[tuple[int, int], _Known] | None = None
-    ) -> Usage:
+    def _walk(self, path: str, device: int, errors: dict[str, int], group_name: str | None = None) -> Usage:
         started_ns = time.time_ns()  # before any stat the walk takes
         self.walks += 1
         found: dict[str, int] = {}
-        usage, relatives, signature = walk(path, device, found)
+        group = self._groups.get(group_name) if group_name is not None else None
+        watching = self._inotify is not None and group is not None
+        added: list[int] = []  # watches the walk placed (or found already placed), in order
+        failed: list[str] = []
+
+        def opened(directory_fd: int) -> None:
+            if failed:
+                return
+            if self.watch_limit is not None and len(self._watched) + len(added) >= self.watch_limit:
+                failed.append(f"the watch limit of {self.watch_limit} is reached")
+                return
+            try:
+                added.append(self._inotify.watch_descriptor(directory_fd))
+            except OSError as exc:  # ENOSPC: fs.inotify.max_user_watches; EACCES; no /proc
+                failed.append(f"inotify_add_watch: {errno.errorcode.get(exc.errno, exc.errno)}")
+
+        usage, relatives, signature = walk(path, device, found, opened if watching else None)
         for reason, count in found.items():
             errors[reason] = errors.get(reason, 0) + count
+        key = (signature[0], signature[1]) if len(signature) >= 2 else None
+        old = group.get(key) if group is not None and key is not None else None
+        watches = tuple(added)
+        if failed:
+            self._unwatched(failed[0])
+            watches = ()
+        elif any(self._watched.get(wd, (group_name, key)) != (group_name, key) for wd in watches):
+            watches = ()  # a directory that already vouches for another generation (a bind mount): not this one's
         if group is None or found or not usage.complete or not signature or signature[0] != device:
+            self._discard(added, keep=())
             return usage
         # Only what had settled before the walk began can be vouched for by its timestamps.
         settled_before = started_ns - self.settle_ns
@@ -218,7 +398,14 @@ class CachingMeasurer(Measurer):
                 shape = self._last_shape
             self._last_shape = shape
             identities = b"".join(_IDENTITY.pack(*signature[i : i + 4]) for i in range(0, len(signature), 4))
-            group[(signature[0], signature[1])] = _Known(usage, shape, identities)
+            if old is not None:
+                self._release(old.watches, keep=watches)
+            self._discard(added, keep=watches)
+            for wd in watches:
+                self._watched[wd] = (group_name, key)
+            group[key] = _Known(usage, shape, identities, watches)
+        else:
+            self._discard(added, keep=())
         return usage
 
     def forget_except(self, live: set[tuple[int, int]]) -> None:
@@ -226,5 +413,6 @@ class CachingMeasurer(Measurer):
             group = self._groups.get(group_name, {})
             gone = [key for key in group if key not in live]
             for key in gone:
-                del group[key]
+                self._forget(group_name, key)
         self._listed_in.clear()
+        self._drained = False

@@ -197,9 +197,15 @@ class Measurer:
         return measure(path, device, errors)
 
     def usage_of(self, path: str, listed: os.stat_result, errors: dict[str, int]) -> Usage:
-        """What scan_store calls: listed is the generation directory's lstat from the listing, taken before
-        any walk, so a cache can check the directory without a second stat."""
+        """What scan_store calls: listed is the generation directory's lstat, taken just before, so a cache
+        can check the directory without a second stat."""
         return self.usage(path, listed.st_dev, errors)
+
+    def vouched(self, path: str, device: int, inode: int) -> Usage | None:
+        """The usage of the generation directory listed at path, when it can be told without any system call:
+        device is the store's mount point's, inode the one the listing gave. None: stat it and call usage_of.
+        scan_store never asks about a generation something is mounted on or in."""
+        return None
 
     def forget_except(self, live: set[tuple[int, int]]) -> None:
         """Drop whatever is known about generations that no longer exist."""
@@ -249,11 +255,10 @@ def scan_store(
                 try:
                     if not entry.is_dir(follow_symlinks=False):
                         continue
-                    st = entry.stat(follow_symlinks=False)
                 except OSError as exc:
                     scan.note_error(error_reason(exc))
                     continue
-                candidates.append((number, entry.path, st))
+                candidates.append((number, entry))
     except FileNotFoundError:
         scan.down_reason = "missing"
         scan.fstype = None  # no filesystem holds a store that is not there, whatever holds its parent
@@ -265,11 +270,23 @@ def scan_store(
         return scan
     scan.up = True
 
-    for number, path, st in sorted(candidates, key=lambda c: c[0]):
+    # A generation with a filesystem mounted on it or inside it: the listing's inode is the covered directory's.
+    below = real_mountpoint.rstrip("/") + "/"
+    covered = {m.mount_point[len(below) :].partition("/")[0] for m in mounts if m.mount_point.startswith(below)}
+    for number, entry in sorted(candidates, key=lambda c: c[0]):
+        if entry.name not in covered:
+            usage = measurer.vouched(entry.path, top.st_dev, entry.inode())
+            if usage is not None:
+                scan.generations.append(Generation(number=number, device=top.st_dev, inode=entry.inode(), usage=usage))
+                continue
         try:
-            usage = measurer.usage_of(path, st, scan.scan_errors)
+            st = entry.stat(follow_symlinks=False)
+            usage = measurer.usage_of(entry.path, st, scan.scan_errors)
         except GenerationVanished:
             scan.note_error("vanished")
+            continue
+        except OSError as exc:
+            scan.note_error(error_reason(exc))
             continue
         scan.generations.append(Generation(number=number, device=st.st_dev, inode=st.st_ino, usage=usage))
     measurer.forget_except({(g.device, g.inode) for g in scan.generations})

@@ -5,6 +5,10 @@ sops-nix, an operator or a reboot would, and compares the cached scan with a sca
 (no cache) of the same store. The walk counters show that the cache was really used and that a change
 costs a walk of what changed, not of everything. No timing is asserted: figures live in bench/.
 
+Every test that goes through Pair runs three times: with inotify (a warm scan stats no generation), with
+inotify unavailable (watch_limit=0: every generation checked by lstat) and with fewer watches allowed than
+the store has directories (some generations watched, the others checked by lstat).
+
 The cache remembers only generations whose directories have been quiet for settle_ns. The tests use a
 short settle time (still longer than any filesystem timestamp granularity) and wait it out where a test
 needs what was just written to be remembered.
@@ -42,15 +46,28 @@ def settle() -> None:
     time.sleep(SETTLE_SECONDS + 0.02)
 
 
+DIRECTORIES_PER_GENERATION = 4  # the generation, tls/, rendered/, rendered/nested/
+
+
+@pytest.fixture(autouse=True, params=[None, 0, DIRECTORIES_PER_GENERATION + 1], ids=["inotify", "lstat", "few-watches"])
+def watch_limit(request):
+    """The watch budget of every Pair's measurer in this test."""
+    Pair.watch_limit = request.param
+    yield request.param
+    Pair.watch_limit = None
+
+
 class Pair:
     """A store scanned both ways: by a warm CachingMeasurer and by a plain Measurer."""
+
+    watch_limit: int | None = None
 
     def __init__(self, store: SopsStore, keep_generations: int | None = 0) -> None:
         self.store = store
         self.config = StoreConfig(
             mountpoint=str(store.mountpoint), symlink=str(store.symlink), keep_generations=keep_generations
         )
-        self.cached = CachingMeasurer(settle_ns=int(SETTLE_SECONDS * 1e9))
+        self.cached = CachingMeasurer(settle_ns=int(SETTLE_SECONDS * 1e9), watch_limit=self.watch_limit)
 
     def scan(self, measurer: Measurer) -> StoreScan:
         return scan_store(self.config, 0, mountinfo.read(), measurer)
@@ -80,6 +97,8 @@ def warm(store: SopsStore, generations: int = 4, keep_generations: int | None = 
     pair.compare()
     assert pair.walks_for() == 0, "a warm scan of an unchanged store walks nothing"
     assert pair.cached.known == generations
+    limit = generations * DIRECTORIES_PER_GENERATION if pair.watch_limit is None else pair.watch_limit
+    assert pair.cached.watches == limit // DIRECTORIES_PER_GENERATION * DIRECTORIES_PER_GENERATION
     return pair
 
 
@@ -317,4 +336,68 @@ def test_a_walk_leaves_no_descriptor_open(store):
     for number in (1, 2, 3, 4):
         path = str(store.generation_path(number))
         walk(path, os.lstat(path).st_dev, {})
+    assert set(os.listdir("/proc/self/fd")) == before
+
+
+# inotify: what timestamps cannot tell
+
+
+# Without a watch on the generation, this is the one assumption the lstat check makes: inotify only.
+@pytest.mark.parametrize("watch_limit", [None])
+@pytest.mark.parametrize("change", ["same size", "larger", "truncated"])
+def test_file_modified_in_place(store, watch_limit, change):
+    """A file written again in place leaves its directory's timestamps alone: only inotify sees it."""
+    pair = warm(store)
+    before = pair.scan(Measurer()).by_number(2)
+    target = store.generation_path(2) / "rendered" / "app.env"
+    content = target.read_bytes()
+    new = {"same size": os.urandom(len(content)), "larger": content * 3, "truncated": content[:10]}[change]
+
+    def rewrite():
+        with open(target, "r+b") as f:
+            f.write(new)
+            f.truncate()
+
+    assert pair.walks_for(rewrite) == 1
+    after = pair.compare().by_number(2)
+    assert (after.usage == before.usage) == (change == "same size")
+    settle()
+    assert pair.walks_for() == 0, "remembered and watched again after the walk"
+    assert pair.cached.watches == 4 * DIRECTORIES_PER_GENERATION
+
+
+@pytest.mark.parametrize("watch_limit", [None])
+def test_a_warm_scan_stats_no_generation(store, watch_limit):
+    """With every generation watched, a warm scan serves them all from what inotify vouches for."""
+    pair = warm(store, generations=3)
+    pair.cached.usage_of = None  # the stat path, made unusable: any generation checked by lstat fails the scan
+    try:
+        hits = pair.cached.hits
+        assert pair.scan(pair.cached) == pair.scan(Measurer())
+        assert pair.cached.hits == hits + 3
+    finally:
+        del pair.cached.usage_of
+
+
+def test_watches_follow_what_is_remembered(store, watch_limit):
+    """Pruned and replaced generations give their watches back; nothing is left watched after close()."""
+    pair = warm(store)
+    store.switch(secrets_for(5), keep_generations=2)
+    settle()
+    pair.compare()
+    expected = 2 * DIRECTORIES_PER_GENERATION if watch_limit is None else min(watch_limit, 2 * 4) // 4 * 4
+    assert pair.cached.known == 2 and pair.cached.watches == expected
+    pair.cached.close()
+    assert pair.cached.watches == 0
+    assert pair.walks_for() == 0, "still served, by the lstat check"
+    pair.compare()
+
+
+def test_a_discarded_measurer_closes_its_descriptor(store, watch_limit):
+    before = set(os.listdir("/proc/self/fd"))
+    pair = warm(store, generations=2)
+    del pair
+    import gc
+
+    gc.collect()
     assert set(os.listdir("/proc/self/fd")) == before
