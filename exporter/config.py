@@ -7,7 +7,7 @@ a ConfigError whose message names the field, so the CLI can exit 2 with a line t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -94,38 +94,50 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return path or "(top level)"
 
 
-def parse_config(data: Any, source: str = "configuration") -> Config:
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def validate(model: type[ModelT], data: Any, source: str, error: type[Exception] = ConfigError) -> ModelT:
+    """Validate a YAML document against model; every problem is named by its field, all in one message."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+        raise error(f"{source}: the top level must be a mapping, got {type(data).__name__}")
     try:
-        return Config.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         problems = []
-        for error in exc.errors():
-            message = error["msg"]
-            if error["type"] == "extra_forbidden":
+        for problem in exc.errors():
+            message = problem["msg"].removeprefix("Value error, ")
+            if problem["type"] == "extra_forbidden":
                 message = "unknown key"
-            problems.append(f"{_field_path(error['loc'])}: {message}")
-        raise ConfigError(f"{source}: " + "; ".join(problems)) from None
+            problems.append(f"{_field_path(problem['loc'])}: {message}")
+        raise error(f"{source}: " + "; ".join(problems)) from None
+
+
+def read_yaml(path: str | Path, what: str, error: type[Exception] = ConfigError) -> Any:
+    """The parsed document of a YAML file, or error naming the file and, for bad YAML, the line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what} file: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: the {what} file is not UTF-8 text") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise error(f"{path}: not valid YAML{where}: {problem}") from None
+
+
+def parse_config(data: Any, source: str = "configuration") -> Config:
+    return validate(Config, data, source)
 
 
 def load_config(path: str | Path | None) -> Config:
     """Read and validate the file; with no file, the defaults (both sops-nix stores) apply."""
     if path is None:
         return Config()
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the configuration file: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: the configuration file is not UTF-8 text") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
-    return parse_config(data, source=str(path))
+    return parse_config(read_yaml(path, "configuration"), source=str(path))

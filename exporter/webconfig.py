@@ -38,19 +38,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     SecretStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
-from exporter.config import _field_path
+from exporter.config import read_yaml, validate
 
 CLIENT_AUTH_TYPES = {
     "NoClientCert": ssl.CERT_NONE,
@@ -260,22 +258,9 @@ class WebSettings:
 
 
 def parse_web_config(data: Any, source: str) -> WebConfig:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise WebConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
-    if data.get("tls_server_config") == {}:
+    if isinstance(data, dict) and data.get("tls_server_config") == {}:
         data = {k: v for k, v in data.items() if k != "tls_server_config"}  # exporter-toolkit: TLS off
-    try:
-        return WebConfig.model_validate(data)
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            message = error["msg"].removeprefix("Value error, ")
-            if error["type"] == "extra_forbidden":
-                message = "unknown key"
-            problems.append(f"{_field_path(error['loc'])}: {message}")
-        raise WebConfigError(f"{source}: " + "; ".join(problems)) from None
+    return validate(WebConfig, data, source, WebConfigError)
 
 
 def _read_pem(path: str, field_name: str) -> bytes:
@@ -357,18 +342,7 @@ def _bcrypt_available() -> None:
 
 def load_web_config(path: str | Path) -> WebSettings:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise WebConfigError(f"{path}: cannot read the web configuration file: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise WebConfigError(f"{path}: the web configuration file is not UTF-8 text") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise WebConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or 'invalid'}") from None
+    data = read_yaml(path, "web configuration", WebConfigError)
     config = parse_web_config(data, str(path))
     files = [str(path)]
     context = None

@@ -46,16 +46,16 @@ INVALID = {
     "store-without-symlink": ("stores:\n  - mountpoint: /run/secrets.d\n", "stores[0].symlink: Field required"),
     "mountpoint-relative": (
         "stores:\n  - mountpoint: run/secrets.d\n    symlink: /run/secrets\n",
-        "stores[0].mountpoint: Value error, must be an absolute path",
+        "stores[0].mountpoint: must be an absolute path",
     ),
     "symlink-number": ("stores:\n  - mountpoint: /run/secrets.d\n    symlink: 42\n", "stores[0].symlink: "),
     "state-dir-relative": (
         "microvm:\n  state_dir: microvms\n",
-        "microvm.state_dir: Value error, must be an absolute path",
+        "microvm.state_dir: must be an absolute path",
     ),
     "duplicate-mountpoint": (
         "stores:\n" + STORE + "  - mountpoint: /run/secrets.d/\n    symlink: /run/other\n",
-        "stores: Value error, mountpoint /run/secrets.d is listed twice",
+        "stores: mountpoint /run/secrets.d is listed twice",
     ),
     "bad-yaml": ("stores:\n  - mountpoint: /run/secrets.d\n   symlink: [\n", "not valid YAML at line 3, column "),
     "top-level-list": ("- mountpoint: /run/secrets.d\n", "the top level must be a mapping, got list"),
