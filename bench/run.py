@@ -4,6 +4,7 @@ Run as root from the repository (it mounts a ramfs and starts processes):
 
     sudo .venv/bin/python bench/run.py            # the reference workload, about half an hour
     sudo .venv/bin/python bench/run.py --quick    # a smaller one, a few minutes
+    sudo .venv/bin/python bench/run.py --store-only   # only the store figures (no processes, no HTTP)
 
 It builds the reference workload itself in a temporary directory: a real ramfs (or --fstype tmpfs) holding
 5,000 generations of 50 files each (45 small secrets and rendered/ with 5 templates of about 2.7 KB), a
@@ -410,6 +411,8 @@ class Bench:
         self.growth()
         self.against_du()
         self.switch()
+        if self.args.store_only:
+            return self.report
         self.discovery()
         self.collection()
         self.served()
@@ -475,6 +478,9 @@ class Bench:
             "warm": lambda: scan_stores(config, self.measurer),
         }, self.repeat)  # fmt: skip
         self.du, self.cold, self.warm = timings["du"], timings["cold"], timings["warm"]
+        self.report.note(
+            f"the warm measurer holds {self.measurer.watches} inotify watches for {self.measurer.known} generations"
+        )
         du_, cold, warm = self.du, self.cold, self.warm
         print(f"du -s -B1 over the store: {du_}")
         self.report.add(Figure(
@@ -711,6 +717,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="a smaller run: 500 generations, 200 processes, 1,000 scrapes")  # fmt: skip
     parser.add_argument("--fstype", choices=("ramfs", "tmpfs"), default="ramfs")
+    parser.add_argument("--store-only", action="store_true",
+                        help="only the store figures (warm, cold, growth, switch): no processes, no HTTP")  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
     args.generations, args.processes, args.scrapes, args.repeat, args.switches = (
@@ -753,7 +761,7 @@ def main() -> int:
     print("machine: " + "; ".join(f"{k} {v}" for k, v in info.items()))
     if args.json:
         args.json.write_text(json.dumps({
-            "quick": args.quick, "fstype": args.fstype, "machine": info,
+            "quick": args.quick, "store_only": args.store_only, "fstype": args.fstype, "machine": info,
             "figures": [figure.__dict__ for figure in report.figures], "notes": report.notes,
         }, indent=2))  # fmt: skip
     return 0

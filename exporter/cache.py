@@ -55,7 +55,7 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
 
 
 def walk(
-    path: str, device: int, errors: dict[str, int], opened: Callable[[int], None] | None = None
+    path: str, device: int, errors: dict[str, int], opening: Callable[[str], None] | None = None
 ) -> tuple[Usage, list[str], Signature]:
     """Sum the regular files below path like store.measure, and note every directory on the way.
 
@@ -63,7 +63,7 @@ def walk(
     the identity of path itself followed by that of each of those directories, each taken before the
     directory was listed. Directories on another filesystem (something mounted inside a generation) are
     noted but not entered, as measure does. Raises GenerationVanished when path itself disappears.
-    opened, if given, is called with the descriptor of each directory entered, before it is listed.
+    opening, if given, is called with the path of each directory to be entered, before it is opened.
     """
     files = blocks = size = 0
     complete = True
@@ -78,6 +78,8 @@ def walk(
             complete = False
 
     try:
+        if opening is not None:
+            opening(path)
         root_fd = os.open(path, _DIRECTORY_FLAGS)
     except OSError as exc:
         if not os.path.lexists(path):
@@ -86,8 +88,6 @@ def walk(
         return Usage(complete=complete), relatives, ()
     try:
         signature.extend(_identity(os.fstat(root_fd)))
-        if opened is not None:
-            opened(root_fd)
     except OSError as exc:
         os.close(root_fd)
         failed(exc)
@@ -120,10 +120,9 @@ def walk(
                         try:
                             # By its full path, not relative to directory_fd: a trace of the exporter then names
                             # every directory it opens (tests/test_stores.py checks that only directories are).
-                            directory = os.open(path + "/" + relative, _DIRECTORY_FLAGS)
-                            pending.append((relative + "/", directory))
-                            if opened is not None:
-                                opened(directory)
+                            if opening is not None:
+                                opening(path + "/" + relative)
+                            pending.append((relative + "/", os.open(path + "/" + relative, _DIRECTORY_FLAGS)))
                         except OSError as exc:
                             failed(exc)
             except OSError as exc:  # the listing itself
@@ -148,10 +147,10 @@ IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x2, 0x4, 0x8
 IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200
 IN_DELETE_SELF, IN_MOVE_SELF = 0x400, 0x800
 IN_Q_OVERFLOW = 0x4000
-IN_ONLYDIR = 0x01000000
+IN_ONLYDIR, IN_DONT_FOLLOW = 0x01000000, 0x02000000
 _WATCH_MASK = (
     IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE
-    | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
+    | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR | IN_DONT_FOLLOW
 )  # fmt: skip
 _EVENT = struct.Struct("=iIII")  # wd, mask, cookie, len; then len bytes of name
 
@@ -167,10 +166,9 @@ class Inotify:
         self.fd = fd
         self._finalizer = weakref.finalize(self, os.close, fd)
 
-    def watch_descriptor(self, directory_fd: int) -> int:
-        """Watch the directory open as directory_fd: exactly the inode that is about to be listed, whatever its
-        path names by then (/proc/self/fd/N is followed to the open directory itself, so no IN_DONT_FOLLOW)."""
-        wd = self._libc.inotify_add_watch(self.fd, f"/proc/self/fd/{directory_fd}".encode(), _WATCH_MASK)
+    def watch(self, path: str) -> int:
+        """Watch the directory at path (never a symlink's target), returning the watch descriptor."""
+        wd = self._libc.inotify_add_watch(self.fd, os.fsencode(path), _WATCH_MASK)
         if wd < 0:
             raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
         return wd
@@ -364,18 +362,22 @@ class CachingMeasurer(Measurer):
         added: list[int] = []  # watches the walk placed (or found already placed), in order
         failed: list[str] = []
 
-        def opened(directory_fd: int) -> None:
+        def opening(directory: str) -> None:
             if failed:
                 return
             if self.watch_limit is not None and len(self._watched) + len(added) >= self.watch_limit:
                 failed.append(f"the watch limit of {self.watch_limit} is reached")
                 return
             try:
-                added.append(self._inotify.watch_descriptor(directory_fd))
+                added.append(self._inotify.watch(directory))
             except OSError as exc:  # ENOSPC: fs.inotify.max_user_watches; EACCES; no /proc
                 failed.append(f"inotify_add_watch: {errno.errorcode.get(exc.errno, exc.errno)}")
 
-        usage, relatives, signature = walk(path, device, found, opened if watching else None)
+        try:
+            usage, relatives, signature = walk(path, device, found, opening if watching else None)
+        except GenerationVanished:
+            self._discard(added, keep=())
+            raise
         for reason, count in found.items():
             errors[reason] = errors.get(reason, 0) + count
         key = (signature[0], signature[1]) if len(signature) >= 2 else None
