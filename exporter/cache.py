@@ -1,26 +1,38 @@
-"""What is known about each generation, kept between scrapes and re-checked with one stat per directory.
+"""What is known about each generation, kept between scrapes: vouched for by inotify, or by one lstat per directory.
 
 sops-nix writes a generation directory once and never touches it again; with keepGenerations = 0 a store
 holds thousands of them, and walking every file of every generation on every scrape would cost as much as
 `du` over the whole store. So the first scan walks each generation and remembers its Usage together with
 the identity of every directory in it: (device, inode, mtime_ns, ctime_ns) of the generation directory and
-of each directory below it (rendered/, nested ones), by path. A later scan lstat()s those directories and
-serves the remembered Usage only when every identity is unchanged; anything else walks the generation
-again. A warm scan therefore costs one stat per directory, not one per file.
+of each directory below it (rendered/, nested ones), by path.
 
-Why that is enough: creating, removing or renaming an entry changes the mtime and ctime of the directory
-that holds it; a directory replaced by another (rm -r and mkdir of the same number, after a reboot or of a
-pending generation) has another inode or, if the filesystem hands out the same inode, a later ctime; a
-filesystem mounted onto or off a directory changes what lstat of its path returns. Entries of generations
-that no longer exist are dropped after every scan (forget_except), so nothing outlives what it describes.
+With inotify (Linux), the walk places a watch on each directory before opening it to list it. A watch on a
+directory reports entries created, removed or renamed in it, writes to and attribute changes of the files
+in it (IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE), and the directory itself removed, moved or its filesystem
+unmounted (IN_IGNORED). Each scan first reads the queue: a generation any of whose watches reported
+anything is forgotten and walked again; a lost event (queue overflow) forgets everything. What is
+remembered, fully watched and not reported is served as it is: scan_store asks vouched() with the inode
+from the listing, and no generation is stat()ed. Since every watch is in place before its directory is
+listed, whatever changes after the listing is reported; whatever changed before, the walk saw.
 
-The one assumption: a file's size and blocks do not change in place after its directory entry was
-created (sops-nix creates each secret and template with its content, once). A file written slowly while
-a scan runs is covered by the settle rule: a generation is remembered only when all of its directories
-were last changed more than SETTLE_NS before the walk began, so one still being written is walked again
-on every scrape until it has been quiet for that long. The same margin is what makes the identity check
-sound despite coarse timestamps: a change after the walk stamps its directory with a time later than any
-time remembered.
+Without a watch (no inotify, the watch_limit of this measurer reached, the kernel's fs.inotify limits
+reached, a generation something is mounted on or in, which scan_store never asks vouched() about), a scan
+lstat()s the remembered directories and serves the Usage only when every identity is unchanged; anything
+else walks the generation again. Why that is enough: creating, removing or renaming an entry changes the
+mtime and ctime of the directory that holds it; a directory replaced by another (rm -r and mkdir of the
+same number, after a reboot or of a pending generation) has another inode or, if the filesystem hands out
+the same inode, a later ctime; a filesystem mounted onto or off a directory changes what lstat of its path
+returns. Entries (and watches) of generations that no longer exist are dropped after every scan
+(forget_except), so nothing outlives what it describes.
+
+The one assumption, for generations checked by lstat only: a file's size and blocks do not change in place
+after its directory entry was created (sops-nix creates each secret and template with its content, once).
+A file written slowly while a scan runs is covered by the settle rule: a generation is remembered only
+when all of its directories were last changed more than SETTLE_NS before the walk began, so one still
+being written is walked again on every scrape until it has been quiet for that long. The same margin is
+what makes the identity check sound despite coarse timestamps: a change after the walk stamps its
+directory with a time later than any time remembered. Watched generations need neither (inotify reports
+writes in place too), but the settle rule applies to them as well, so both ways remember the same.
 
 Nothing here opens a file: directories are opened to be listed (O_NOFOLLOW), files are only lstat()ed.
 """
@@ -212,6 +224,14 @@ class _Known:
         self.watches = watches
 
 
+def _share_of_user_watches() -> int:
+    try:
+        with open("/proc/sys/fs/inotify/max_user_watches") as f:
+            return int(f.read()) // 4
+    except (OSError, ValueError):
+        return 8192  # the kernel's smallest default
+
+
 Key = tuple[str, tuple[int, int]]  # the group (the directory listed) and (st_dev, st_ino) of the generation
 
 
@@ -224,14 +244,16 @@ class CachingMeasurer(Measurer):
     emptied by hand) keeps its group until it lists one again; nothing in it is served before its
     directories check out unchanged.
 
-    watch_limit caps the inotify watches this measurer holds (None: only the kernel's limits; 0: no inotify,
-    every generation is checked by lstat). Used by one scan at a time (Exporter.collect lets concurrent
+    watch_limit caps the inotify watches this measurer holds (0: no inotify, every generation is checked by
+    lstat; None: a quarter of fs.inotify.max_user_watches, which all of root's processes share, systemd too). Used by one scan at a time (Exporter.collect lets concurrent
     scrapes share the scan in flight). walks and hits count generations walked and generations served from
     what was known (bench/ and the tests read them).
     """
 
     def __init__(self, settle_ns: int = SETTLE_NS, watch_limit: int | None = None) -> None:
         self.settle_ns = settle_ns
+        if watch_limit is None:
+            watch_limit = _share_of_user_watches()
         self.watch_limit = watch_limit
         self._groups: dict[str, dict[tuple[int, int], _Known]] = {}
         self._listed_in: set[str] = set()  # groups seen since the last forget_except
@@ -365,7 +387,7 @@ class CachingMeasurer(Measurer):
         def opening(directory: str) -> None:
             if failed:
                 return
-            if self.watch_limit is not None and len(self._watched) + len(added) >= self.watch_limit:
+            if len(self._watched) + len(added) >= self.watch_limit:
                 failed.append(f"the watch limit of {self.watch_limit} is reached")
                 return
             try:
