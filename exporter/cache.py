@@ -260,6 +260,8 @@ class CachingMeasurer(Measurer):
         self._last_shape: tuple[str, ...] = ()  # shared by the generations laid out alike, as most are
         self._watched: dict[int, Key] = {}  # inotify watch descriptor -> the generation it vouches for
         self._drained = False  # the inotify queue has been read since the last forget_except
+        self._vouching_for: str | None = None  # the group vouched() last looked in, and that group
+        self._vouching_group: dict[tuple[int, int], _Known] = {}
         self._inotify: Inotify | None = None
         self._said_unwatched = False
         if watch_limit != 0:
@@ -332,10 +334,10 @@ class CachingMeasurer(Measurer):
         if not self._drained:
             self._drain()
         group_name = path.rpartition("/")[0]
-        if group_name not in self._listed_in:
+        if group_name != self._vouching_for:  # once per store and scan, not once per generation
             self._listed_in.add(group_name)
-        group = self._groups.get(group_name)
-        known = group.get((device, inode)) if group is not None else None
+            self._vouching_for, self._vouching_group = group_name, self._groups.get(group_name, {})
+        known = self._vouching_group.get((device, inode))
         if known is None or not known.watches:
             return None
         self.hits += 1
@@ -440,3 +442,4 @@ class CachingMeasurer(Measurer):
                 self._forget(group_name, key)
         self._listed_in.clear()
         self._drained = False
+        self._vouching_for, self._vouching_group = None, {}

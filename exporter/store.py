@@ -275,9 +275,10 @@ def scan_store(
     covered = {m.mount_point[len(below) :].partition("/")[0] for m in mounts if m.mount_point.startswith(below)}
     for number, entry in sorted(candidates, key=lambda c: c[0]):
         if entry.name not in covered:
-            usage = measurer.vouched(entry.path, top.st_dev, entry.inode())
+            inode = entry.inode()  # from the listing: no system call
+            usage = measurer.vouched(entry.path, top.st_dev, inode)
             if usage is not None:
-                scan.generations.append(Generation(number=number, device=top.st_dev, inode=entry.inode(), usage=usage))
+                scan.generations.append(Generation(number=number, device=top.st_dev, inode=inode, usage=usage))
                 continue
         try:
             st = entry.stat(follow_symlinks=False)
