@@ -2,20 +2,24 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
-import requests
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from serving import (  # noqa: E402
+    NOBODY,
+    Served,
+    exporter_env,
+    setpriv_prefix,
+    start_serving,
+    unprivileged_python,
+)
 from sopsnix import MountUnavailable, SopsStore, mounted  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,76 +91,6 @@ def promtool_check():
     return promtool_check_metrics
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RunningExporter:
-    def __init__(self, process: subprocess.Popen, url: str, stderr_path: Path) -> None:
-        self.process = process
-        self.url = url
-        self.stderr_path = stderr_path
-
-    def metrics(self) -> str:
-        response = requests.get(self.url + "/metrics", timeout=30)
-        response.raise_for_status()
-        return response.text
-
-    def log(self) -> str:
-        return self.stderr_path.read_text()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-
-
-def start_exporter(config_path: Path | None, workdir: Path, *extra: str, port: int | None = None) -> RunningExporter:
-    port = port or free_port()
-    stderr_path = workdir / f"exporter-{port}.log"
-    cmd = [sys.executable, "-m", "exporter", "serve", f"--web.listen-address=127.0.0.1:{port}", *extra]
-    if config_path is not None:
-        cmd.append(f"--config.file={config_path}")
-    stderr = open(stderr_path, "w")
-    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
-    stderr.close()
-    url = f"http://127.0.0.1:{port}"
-    running = RunningExporter(process, url, stderr_path)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"exporter exited with {process.returncode}:\n{stderr_path.read_text()}")
-        try:
-            if requests.get(url + "/healthz", timeout=1).status_code == 200:
-                return running
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    running.stop()
-    raise AssertionError(f"exporter did not answer on {url}:\n{stderr_path.read_text()}")
-
-
-@pytest.fixture
-def exporter_process(scratch):
-    """exporter_process(config_dict or None, *flags) -> RunningExporter, stopped by its PID afterwards."""
-    running: list[RunningExporter] = []
-
-    def start(config: dict | None, *extra: str) -> RunningExporter:
-        path = write_config(scratch, config) if config is not None else None
-        exporter = start_exporter(path, scratch, *extra)
-        running.append(exporter)
-        return exporter
-
-    yield start
-    for exporter in running:
-        exporter.stop()
-
-
 @pytest.fixture
 def pinners(require_root, scratch):
     """start_pinner(...) from tests/pinning.py; every process it started is ended by its PID afterwards."""
@@ -176,3 +110,33 @@ def pinners(require_root, scratch):
     yield start
     for pinner in reversed(started):
         pinner.stop()
+
+
+@pytest.fixture
+def serve(scratch):
+    """serve(config or None, *flags, prefix=..., ...) -> Served: the real exporter serving HTTP on loopback,
+    stopped by its PID afterwards."""
+    started: list[Served] = []
+
+    def start(config: dict | None, *flags: str, **kwargs) -> Served:
+        kwargs.setdefault("workdir", scratch)
+        served = start_serving(kwargs.pop("workdir"), config, *flags, **kwargs)
+        started.append(served)
+        return served
+
+    yield start
+    for served in reversed(started):
+        served.stop()
+
+
+@pytest.fixture
+def as_nobody(require_root):
+    """run(*args) runs `python -m exporter ARGS` as nobody with no group and no capability at all."""
+    prefix = setpriv_prefix(NOBODY)
+    interpreter = unprivileged_python(NOBODY)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*prefix, interpreter, "-m", "exporter", *args], cwd="/", env=exporter_env(),
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    return run

@@ -66,7 +66,7 @@ def named(name: str, **labels: str):
 
 
 def test_deleted_generation_pages_through_alertmanager_and_resolves_after_restart(
-    make_store, pinners, scratch, exporter_process
+    make_store, pinners, scratch, serve
 ):
     store = make_store("ramfs")
     state_dir = scratch / "microvms"
@@ -75,7 +75,7 @@ def test_deleted_generation_pages_through_alertmanager_and_resolves_after_restar
     virtiofsd = pinners(source=store.symlink, vm="vm1", tag="secrets", state_dir=state_dir)  # microvm@vm1 serves it
     store.switch({"db-password": "rotated\n"}, keep_generations=1)  # generation 2 linked, 1 deleted under vm1
 
-    exporter = exporter_process(
+    exporter = serve(
         {
             "stores": [{"mountpoint": mountpoint, "symlink": str(store.symlink), "keep_generations": 1}],
             "microvm": {"state_dir": str(state_dir)},

@@ -14,19 +14,21 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, store_config, write_config
 from exporter import __version__
-from sopsnix import SopsStore, du_figures, mount, umount
-from test_stores import (
+
+from conftest import ROOT, store_config, write_config
+from scrape import samples, series, value
+from serving import run_cli
+from sopsnix import (
     OTHER_FSTYPE,
     Secrets,
+    SopsStore,
     config_data,
+    du_figures,
     findmnt_fstype,
-    run_cli,
-    samples,
-    series,
+    mount,
     sops_layout,
-    value,
+    umount,
 )
 
 NOBODY = 65534
@@ -193,25 +195,6 @@ def test_check_configuration_error(scratch):
 
 # ---------------------------------------------------------------------------------------------------------
 # Permission denied, as an unprivileged user
-
-
-@pytest.fixture
-def as_nobody(require_root):
-    """run(*args) runs `python -m exporter ARGS` as nobody with no capabilities at all."""
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv not installed (Debian package util-linux)")
-    probe = subprocess.run(
-        [*SETPRIV, sys.executable, "-c", "import exporter.cli"], cwd=ROOT, capture_output=True, text=True
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"the venv python {sys.executable} is not usable by nobody: {probe.stderr.strip()[-300:]}")
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [*SETPRIV, sys.executable, "-m", "exporter", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
-        )
-
-    return run
 
 
 def readable_by_nobody(store: SopsStore, scratch: Path) -> Path:

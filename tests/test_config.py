@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
 from exporter.config import DEFAULT_MICROVM_STATE_DIR, Config, ConfigError, load_config
-from test_cli import as_nobody  # noqa: F401 (a fixture)
+
+from conftest import ROOT
 
 STORE = "  - mountpoint: /run/secrets.d\n    symlink: /run/secrets\n"
 USERS = "  - mountpoint: /run/secrets-for-users.d\n    symlink: /run/secrets-for-users\n"

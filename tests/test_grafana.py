@@ -309,7 +309,7 @@ def run(prometheus, query: dict, expr: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_every_panel_query_returns_data_from_the_real_exporter(make_store, pinners, scratch, exporter_process):
+def test_every_panel_query_returns_data_from_the_real_exporter(make_store, pinners, scratch, serve):
     from pinning import declare_share
     from promstack import Prometheus
     from sopsnix import SAMPLE_SECRETS
@@ -322,7 +322,7 @@ def test_every_panel_query_returns_data_from_the_real_exporter(make_store, pinne
     pinners(source=growing.symlink, vm="stale-vm", state_dir=state_dir)
     pinners(source=pruned.symlink, vm="deleted-vm", state_dir=state_dir, mode="chroot")
     declare_share(state_dir, "down-vm", "secrets", pruned.symlink)
-    exporter = exporter_process(
+    exporter = serve(
         {
             "stores": [
                 {"mountpoint": str(growing.mountpoint), "symlink": str(growing.symlink), "keep_generations": 0},

@@ -19,18 +19,11 @@ from prometheus_client import generate_latest
 
 from exporter import app, processes
 from exporter.config import parse_config
+
 from pinning import pinner_binary, start_pinner
-from sopsnix import SopsStore, du_figures, mounted
-from test_security import (
-    KEYS_GID,
-    open_to_nobody,
-    serve,  # noqa: F401  (a fixture)
-    setpriv_prefix,
-    share,
-    unprivileged_python,
-    value,
-)
-from test_stores import Secrets, samples, series
+from scrape import series, share, value
+from serving import KEYS_GID, open_to_nobody, setpriv_prefix, unprivileged_python
+from sopsnix import Secrets, SopsStore, du_figures, mounted
 
 
 def store_entry(store: SopsStore, **extra) -> dict:

@@ -14,25 +14,29 @@ import time
 
 import pytest
 import requests
-from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 
-from conftest import ROOT, free_port, store_config, write_config
 from exporter import __version__
-from sopsnix import du_figures
-from test_stores import Secrets, config_data, samples, series, sops_layout, value
+
+from conftest import ROOT, store_config, write_config
+from scrape import samples, series, value
+from serving import free_port
+from sopsnix import Secrets, config_data, du_figures, sops_layout
 
 TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 
 @pytest.fixture
-def served_store(make_store, exporter_process):
+def served_store(make_store, serve):
     """A sops-nix store and an exporter serving it; returns (store, secrets, exporter). The HTTP side does
     not depend on the filesystem: ramfs only (test_stores.py covers both)."""
     store = make_store("ramfs")
     secrets = Secrets()
     sops_layout(store, secrets)
-    exporter = exporter_process(config_data(store_config(store, keep_generations=2)), "--log.level=debug")
+    exporter = serve(config_data(store_config(store, keep_generations=2)), "--log.level=debug")
     return store, secrets, exporter
 
 
@@ -151,10 +155,10 @@ def test_concurrent_scrapes_and_a_stalled_client(served_store, promtool_check):
         stalled.close()
 
 
-def test_every_scrape_reads_afresh(store, exporter_process):
+def test_every_scrape_reads_afresh(store, serve):
     secrets = Secrets()
     store.switch({secrets.name(): secrets.content(100)}, keep_generations=1)
-    exporter = exporter_process(config_data(store_config(store, keep_generations=1)))
+    exporter = serve(config_data(store_config(store, keep_generations=1)))
     mp = str(store.mountpoint)
     assert value(exporter.metrics(), "sopsnix_current_generation", mountpoint=mp) == 1
     store.switch({secrets.name(): secrets.content(9000)}, keep_generations=1)
@@ -164,12 +168,12 @@ def test_every_scrape_reads_afresh(store, exporter_process):
     assert value(text, "sopsnix_generations_bytes", mountpoint=mp) == du_figures(store.mountpoint)[1] == 12288
 
 
-def test_problems_are_logged_once_and_when_resolved(store, exporter_process):
+def test_problems_are_logged_once_and_when_resolved(store, serve):
     secrets = Secrets()
     for number in (1, 2):
         store.write_generation(number, {secrets.name(): secrets.content(500)})
     store.symlink.symlink_to(store.generation_path(3))  # dangling, with generations present
-    exporter = exporter_process(config_data(store_config(store)), "--log.format=json", "--log.level=debug")
+    exporter = serve(config_data(store_config(store)), "--log.format=json", "--log.level=debug")
     for _ in range(3):
         assert value(exporter.metrics(), "sopsnix_symlink_ok", mountpoint=str(store.mountpoint)) == 0
     store.link(2)

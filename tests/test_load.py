@@ -15,8 +15,9 @@ import requests
 from prometheus_client import CollectorRegistry, Gauge
 
 from exporter.web import REQUEST_TIMEOUT_SECONDS, WebServer
+
+from scrape import value
 from sopsnix import SAMPLE_SECRETS
-from test_security import serve, value  # noqa: F401  (serve is a fixture)
 
 CLIENTS = 32
 LOAD_SECONDS = 60

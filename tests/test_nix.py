@@ -27,7 +27,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port, write_config
+from serving import free_port
+from conftest import write_config
 from exporter import __version__
 from exporter.cli import parse_args
 from exporter.config import parse_config

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 import pytest
 import requests
 
-from test_security import serve  # noqa: F401  (a fixture)
-from test_stores import samples
+from scrape import samples
 
 SWITCH_SECONDS = 30
 KEEP_GENERATIONS = 2

@@ -12,190 +12,29 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import requests
-import yaml
 
-from conftest import ROOT, free_port
-from sopsnix import SopsStore
-from test_stores import Secrets, samples
+from scrape import share, value
+from serving import (
+    KEYS_GID,
+    exporter_env,
+    open_to_nobody,
+    setpriv_prefix,
+    start_serving,
+    unprivileged_python,
+    write_yaml,
+)
+from sopsnix import Secrets, SopsStore
 
-NOBODY = 65534
-KEYS_GID = 64999  # sops-nix's `keys` group; its number does not matter, only membership does
 CAPABILITY_BITS = {"dac_read_search": 2, "sys_ptrace": 19}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Shared helpers: a real exporter process, optionally behind setpriv or strace
-
-
-def site_packages() -> list[str]:
-    return [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
-
-
-def exporter_env() -> dict[str, str]:
-    return {"PYTHONPATH": ":".join([str(ROOT), *site_packages()]), "PATH": "/usr/bin:/bin"}
-
-
-_interpreters: dict[int, str] = {}
-
-
-def unprivileged_python(uid: int = NOBODY) -> str:
-    """An interpreter the user uid may run, with the exporter and its dependencies importable (the approach
-    of tests/test_shares.py): the venv's own if its directories are open to that user, else the system's."""
-    if uid in _interpreters:
-        return _interpreters[uid]
-    for interpreter in (os.path.realpath(sys.executable), "/usr/bin/python3"):
-        probe = subprocess.run(
-            ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", interpreter, "-c",
-             "import exporter.cli, exporter.webconfig"],
-            env=exporter_env(), capture_output=True, cwd="/",
-        )  # fmt: skip
-        if probe.returncode == 0:
-            _interpreters[uid] = interpreter
-            return interpreter
-    pytest.skip(f"no Python interpreter that uid {uid} can run with the exporter's dependencies")
-
-
-def setpriv_prefix(uid: int = NOBODY, groups: tuple[int, ...] = (), capabilities: tuple[str, ...] = ()) -> list[str]:
-    """Drop to uid for real, keeping only the named capabilities (ambient, so they survive the exec as
-    systemd's AmbientCapabilities= does) and nothing else in the bounding set."""
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv not installed (Debian package util-linux)")
-    caps = "".join(f",+{c}" for c in capabilities)
-    prefix = ["setpriv", f"--reuid={uid}", f"--regid={uid}"]
-    prefix.append(f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups")
-    prefix += [f"--inh-caps=-all{caps}", f"--bounding-set=-all{caps}"]
-    if capabilities:
-        prefix.append(f"--ambient-caps=-all{caps}")
-    return prefix
-
-
-@dataclass
-class Served:
-    """An exporter serving HTTP(S) on a loopback port."""
-
-    process: subprocess.Popen
-    port: int
-    log_path: Path
-    scheme: str = "http"
-    traced: bool = False
-
-    @property
-    def url(self) -> str:
-        return f"{self.scheme}://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        """The exporter's own PID (under strace, the tracer's child)."""
-        if not self.traced:
-            return self.process.pid
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
-        return int(children[0])
-
-    def get(self, path: str = "/metrics", **kwargs) -> requests.Response:
-        kwargs.setdefault("timeout", 30)
-        return requests.get(self.url + path, **kwargs)
-
-    def metrics(self, **kwargs) -> str:
-        response = self.get("/metrics", **kwargs)
-        assert response.status_code == 200, response.text
-        return response.text
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def threads(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/task"))
-
-    def rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS")
-
-    def stop(self) -> None:
-        if self.process.poll() is not None:
-            return
-        try:
-            os.kill(self.pid, signal.SIGTERM)
-        except (ProcessLookupError, OSError, IndexError, ValueError):
-            pass
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-
-def write_yaml(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data))
-    path.chmod(0o644)
-    return path
-
-
-def start_serving(
-    workdir: Path,
-    config: dict,
-    *flags: str,
-    prefix: list[str] | None = None,
-    interpreter: str | None = None,
-    scheme: str = "http",
-    traced: bool = False,
-    startup_seconds: float = 30,
-) -> Served:
-    port = free_port()
-    config_path = write_yaml(workdir / f"config-{port}.yml", config)
-    log_path = workdir / f"exporter-{port}.log"
-    cmd = [*(prefix or []), interpreter or sys.executable, "-m", "exporter", "serve",
-           f"--web.listen-address=127.0.0.1:{port}", f"--config.file={config_path}", *flags]  # fmt: skip
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(cmd, cwd="/", env=exporter_env(), stdout=subprocess.DEVNULL, stderr=log)
-    served = Served(process, port, log_path, scheme, traced)
-    deadline = time.monotonic() + startup_seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"exporter exited with {process.returncode}:\n{served.log()}")
-        if re.search(r"msg=listening|\"msg\": \"listening\"", served.log()):
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    return served
-        time.sleep(0.1)
-    served.stop()
-    raise AssertionError(f"exporter did not listen on {port}:\n{served.log()}")
-
-
-@pytest.fixture
-def serve(scratch):
-    """serve(config, *flags, prefix=..., ...) -> Served; every exporter is stopped by its PID afterwards."""
-    started: list[Served] = []
-
-    def start(config: dict, *flags: str, **kwargs) -> Served:
-        kwargs.setdefault("workdir", scratch)
-        served = start_serving(kwargs.pop("workdir"), config, *flags, **kwargs)
-        started.append(served)
-        return served
-
-    yield start
-    for served in reversed(started):
-        served.stop()
-
-
-def value(text: str, name: str, **labels: str) -> float | None:
-    return samples(text).get((name, tuple(sorted(labels.items()))))
-
-
-def open_to_nobody(*paths: Path) -> None:
-    for path in paths:
-        path.chmod(0o755)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -236,16 +75,6 @@ def host_config(store: SopsStore, state_dir: Path, keep: int = 0) -> dict:
     return {
         "stores": [{"mountpoint": str(store.mountpoint), "symlink": str(store.symlink), "keep_generations": keep}],
         "microvm": {"state_dir": str(state_dir)},
-    }
-
-
-def share(text: str, vm: str, store: SopsStore) -> dict[str, float | None]:
-    labels = {"vm": vm, "share": "secrets", "mountpoint": str(store.mountpoint)}
-    return {
-        "served": value(text, "sopsnix_vm_serving_generation", **labels),
-        "stale": value(text, "sopsnix_vm_serving_stale_generation", **labels),
-        "method": next((dict(k[1])["method"] for k in samples(text) if k[0] == "sopsnix_vm_share_detection"
-                        and dict(k[1])["vm"] == vm), None),  # fmt: skip
     }
 
 

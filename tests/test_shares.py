@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import app, processes
 from exporter.check import report
 from exporter.config import parse_config
+
 from pinning import declare_share, start_pinner
+from scrape import samples
+from serving import NOBODY, exporter_env, setpriv_prefix, unprivileged_python
 from sopsnix import SAMPLE_SECRETS, SopsStore
 
-ROOT = Path(__file__).resolve().parent.parent
 
 SANDBOXES = [
     ("namespace", "rust"),
@@ -33,14 +33,6 @@ def scrape(config: dict) -> tuple[str, dict]:
     _, registry = app.build(parse_config(config), process_metrics=False)
     text = generate_latest(registry).decode()
     return text, samples(text)
-
-
-def samples(text: str) -> dict:
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return found
 
 
 def value(found: dict, name: str, **labels) -> float | None:
@@ -291,19 +283,6 @@ def test_check_lists_every_share_with_its_verdict_and_fix(make_store, pinners, s
     assert "sops.keepGenerations = 2" in text
 
 
-def _unprivileged_python() -> list[str]:
-    """An interpreter the user nobody may run, with the exporter and its dependencies importable."""
-    site = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
-    for interpreter in (os.path.realpath(sys.executable), "/usr/bin/python3"):
-        probe = subprocess.run(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", interpreter, "-c", "import exporter.cli"],
-            env={"PYTHONPATH": ":".join([str(ROOT), *site])}, capture_output=True, cwd="/",
-        )  # fmt: skip
-        if probe.returncode == 0:
-            return [interpreter]
-    pytest.skip("no Python interpreter that the user nobody can run with the exporter's dependencies")
-
-
 def test_scan_without_privileges_uses_mountinfo_and_names_the_missing_capability(make_store, pinners, scratch):
     store = make_store("ramfs")
     state_dir = scratch / "microvms"
@@ -325,13 +304,10 @@ def test_scan_without_privileges_uses_mountinfo_and_names_the_missing_capability
     out = scratch / "out"
     out.mkdir(mode=0o777)
     out.chmod(0o777)
-    interpreter = _unprivileged_python()
-    site = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
     result = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", f"--groups={keys_gid}", "--inh-caps=-all",
-         "--bounding-set=-all", *interpreter, "-m", "exporter", "textfile", f"--config.file={config_path}",
-         f"--output={out}/metrics.prom"],
-        env={"PYTHONPATH": ":".join([str(ROOT), *site])}, capture_output=True, text=True, cwd="/",
+        [*setpriv_prefix(NOBODY, groups=(keys_gid,)), unprivileged_python(), "-m", "exporter", "textfile",
+         f"--config.file={config_path}", f"--output={out}/metrics.prom"],
+        env=exporter_env(), capture_output=True, text=True, cwd="/",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     found = samples((out / "metrics.prom").read_text())

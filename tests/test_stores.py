@@ -17,138 +17,40 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
-from secrets import token_hex
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT, store_config, write_config
 from exporter import app, logs
 from exporter.check import report
 from exporter.collectors import StoresCollector, scan_stores
 from exporter.config import Config, StoreConfig
 from exporter.framework import Collector, Exporter, MetricSpec, RegistryAdapter
 from exporter.store import Measurer, SymlinkState
-from sopsnix import SopsStore, du_figures, mount, mounted, umount
+
+from conftest import ROOT, store_config, write_config
+from scrape import series, value
+from serving import run_cli
+from sopsnix import (
+    OTHER_FSTYPE,
+    Secrets,
+    SopsStore,
+    add_non_generations,
+    config_data,
+    du_figures,
+    findmnt_fstype,
+    mount,
+    mounted,
+    sops_layout,
+    umount,
+)
 
 GOLDEN = Path(__file__).parent / "golden"
-OTHER_FSTYPE = {"ramfs": "tmpfs", "tmpfs": "ramfs"}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Helpers shared with test_cli.py and test_http.py
-
-
-class Secrets:
-    """Distinctive random secret names and contents, so that every output can be searched for them."""
-
-    def __init__(self) -> None:
-        self.markers: list[str] = []
-
-    def name(self) -> str:
-        marker = f"s3cretname{token_hex(6)}"
-        self.markers.append(marker)
-        return marker
-
-    def content(self, size: int) -> bytes:
-        """Exactly size bytes; from 24 bytes up they carry a searchable marker."""
-        if size < 24:
-            return b"k" * size
-        marker = f"s3cretdata{token_hex(7)}"
-        self.markers.append(marker)
-        return (marker.encode() * (size // len(marker) + 1))[:size]
-
-    def leaked(self, text: str) -> list[str]:
-        return [marker for marker in self.markers if marker in text]
-
-
-def generation_secrets(secrets: Secrets, generation: int) -> dict[str, bytes]:
-    """What one activation writes: sizes are fixed (the golden files depend on them), names are random."""
-    return {
-        secrets.name(): secrets.content(40),  # a password
-        secrets.name(): secrets.content(4096),  # exactly one page
-        secrets.name(): secrets.content(4097),  # one byte into a second page
-        f"{secrets.name()}/{secrets.name()}": secrets.content(1704),  # a secret name containing "/"
-        f"rendered/{secrets.name()}.env": secrets.content(700 * generation),  # a template, grows
-        f"rendered/nested/{secrets.name()}.conf": secrets.content(10000),
-        secrets.name(): b"",  # an empty secret: a file that costs no page
-    }
-
-
-def populate(store: SopsStore, number: int, secrets: Secrets) -> Path:
-    """Write generation `number` as sops-nix would, plus what a generation may also hold: files of several
-    modes, a sparse file, a FIFO (opening it would hang the exporter), an empty directory and a symlink to a
-    large file outside the generation (never followed)."""
-    directory = store.write_generation(number, generation_secrets(secrets, number))
-    files = sorted(p for p in directory.rglob("*") if p.is_file())
-    for path, mode in zip(files, (0o440, 0o444, 0o600, 0o400, 0o640)):
-        path.chmod(mode)
-    sparse = directory / "rendered" / secrets.name()
-    sparse.touch(mode=0o400)
-    os.truncate(sparse, 1 << 20)  # a megabyte of size, no page of memory
-    os.mkfifo(directory / secrets.name(), 0o600)
-    (directory / "rendered" / "empty").mkdir(mode=0o500)
-    (directory / secrets.name()).symlink_to(store.mountpoint / "gpg-home" / "pubring.kbx")
-    return directory
-
-
-NOT_GENERATIONS = ("007", "0", "0012", "notes", "1a", "-1", "+2", "\u0663", " 5")
-
-
-def add_non_generations(store: SopsStore, secrets: Secrets) -> None:
-    """Everything sops-nix (or an operator) may leave in the mount point that is not a generation."""
-    mp = store.mountpoint
-    (mp / "age-keys.txt").write_bytes(b"AGE-SECRET-KEY-" + secrets.content(60))
-    (mp / "age-keys.txt").chmod(0o600)
-    gpg = mp / "gpg-home"
-    (gpg / "private-keys-v1.d").mkdir(parents=True, mode=0o700, exist_ok=True)
-    (gpg / "pubring.kbx").write_bytes(secrets.content(30000))
-    (gpg / "private-keys-v1.d" / f"{secrets.name()}.key").write_bytes(secrets.content(9000))
-    for name in NOT_GENERATIONS:
-        if name == "0":
-            continue  # "0" is a valid decimal name; kept out of the way of the numbering here
-        (mp / name).mkdir(mode=0o751)
-        (mp / name / secrets.name()).write_bytes(secrets.content(9000))
-    (mp / "40").write_bytes(secrets.content(5000))  # a numeric name, but a file
-    (mp / "41").symlink_to(mp / "007")  # a numeric name, but a symlink to a directory
-
-
-def sops_layout(store: SopsStore, secrets: Secrets, activations: int = 4, keep_generations: int = 2) -> dict:
-    """`activations` switches with keepGenerations, then one pending generation written but never linked.
-
-    With the defaults the store holds generations 3 and 4 (current) and 5 (pending)."""
-    store.mountpoint.chmod(0o751)
-    (store.mountpoint / "gpg-home").mkdir(mode=0o700)
-    (store.mountpoint / "gpg-home" / "pubring.kbx").write_bytes(b"")
-    for number in range(1, activations + 1):
-        populate(store, number, secrets)
-        store.link(number)
-        store.prune(keep_generations)
-    add_non_generations(store, secrets)
-    pending = activations + 1
-    populate(store, pending, secrets)
-    kept = [n for n in range(1, activations + 1) if keep_generations == 0 or n > activations - keep_generations]
-    return {"generations": [*kept, pending], "current": activations, "pending": [pending]}
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return found
-
-
-def value(text: str, name: str, **labels: str) -> float | None:
-    """The sample's value, or None when the exposition has no such sample."""
-    return samples(text).get((name, tuple(sorted(labels.items()))))
-
-
-def series(text: str, name: str) -> list[dict[str, str]]:
-    return [dict(labels) for (sample_name, labels) in samples(text) if sample_name == name]
 
 
 def host_memory_bytes() -> int:
@@ -159,35 +61,16 @@ def host_memory_bytes() -> int:
     raise AssertionError("no MemTotal in /proc/meminfo")
 
 
-def findmnt_fstype(path: Path) -> str:
-    """The type of the filesystem mounted last at path, per util-linux."""
-    out = subprocess.run(
-        ["findmnt", "-n", "-o", "FSTYPE", "--mountpoint", str(path)], capture_output=True, text=True, check=True
-    ).stdout.split()
-    return out[-1]
-
-
 def exposition(config: Config) -> str:
     _, registry = app.build(config, process_metrics=False)
     return generate_latest(registry).decode()
 
 
 # Never the host's /var/lib/microvms: an empty (never created) state directory unless a test sets one.
-NO_MICROVMS = {"state_dir": str(Path(tempfile.gettempdir()) / f"sopsnix-test-no-microvms-{token_hex(8)}")}
-
-
-def config_data(*stores: dict, **extra) -> dict:
-    return {"stores": list(stores), "microvm": NO_MICROVMS, **extra}
 
 
 def config_for(*stores: dict, **extra) -> Config:
     return Config.model_validate(config_data(*stores, **extra))
-
-
-def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "exporter", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------

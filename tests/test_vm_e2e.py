@@ -17,8 +17,15 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
 from sopsnix import SopsStore, du_figures
-from vm.guest import GuestUnavailable, MicrovmShare, Tick, build_initramfs, probe_accelerator
+from vm.guest import (
+    GuestUnavailable,
+    MicrovmShare,
+    Tick,
+    build_initramfs,
+    probe_accelerator,
+)
 from vm.kernel import KernelUnavailable, fetch_kernel
 
 pytestmark = pytest.mark.slow
@@ -155,7 +162,7 @@ def exporter_config(store: SopsStore, keep_generations: int, state_dir: Path) ->
     }
 
 
-def test_pruned_generation_empties_the_guest_mount(make_store, microvm, exporter_process, scratch, tmp_path):
+def test_pruned_generation_empties_the_guest_mount(make_store, microvm, serve, scratch, tmp_path):
     """keepGenerations = 1: the switch prunes the generation the running VM is served; its mount turns empty."""
     store = make_store("ramfs")
     state_dir = scratch / "microvms"
@@ -163,7 +170,7 @@ def test_pruned_generation_empties_the_guest_mount(make_store, microvm, exporter
     store.link(1)
     share = microvm(store.symlink, state_dir)
     transcript = Transcript("keep-generations-1", tmp_path, share)
-    exporter = exporter_process(exporter_config(store, 1, state_dir))
+    exporter = serve(exporter_config(store, 1, state_dir))
 
     tick = start(share)
     assert tick.files == secrets_of(1), tick.text
@@ -195,7 +202,7 @@ def test_pruned_generation_empties_the_guest_mount(make_store, microvm, exporter
                  up=1, serving=2, stale=0, deleted=0, behind=0, pruned_on_next_switch=1)  # fmt: skip
 
 
-def test_kept_generation_is_stale_and_grows_the_store(make_store, microvm, exporter_process, scratch, tmp_path):
+def test_kept_generation_is_stale_and_grows_the_store(make_store, microvm, serve, scratch, tmp_path):
     """keepGenerations = 0: nothing is pruned; the guest keeps reading old secrets and memory grows."""
     store = make_store("ramfs")
     state_dir = scratch / "microvms"
@@ -203,7 +210,7 @@ def test_kept_generation_is_stale_and_grows_the_store(make_store, microvm, expor
     store.link(1)
     share = microvm(store.symlink, state_dir)
     transcript = Transcript("keep-generations-0", tmp_path, share)
-    exporter = exporter_process(exporter_config(store, 0, state_dir))
+    exporter = serve(exporter_config(store, 0, state_dir))
 
     tick = start(share)
     assert tick.files == secrets_of(1), tick.text

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from test_security import exporter_env, start_serving, value, write_yaml
+from scrape import value
+from serving import exporter_env, start_serving, write_yaml
 
 try:
     import bcrypt
