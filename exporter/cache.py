@@ -236,7 +236,8 @@ Key = tuple[str, tuple[int, int]]  # the group (the directory listed) and (st_de
 
 
 class CachingMeasurer(Measurer):
-    """A Measurer that walks each generation once and afterwards serves it from inotify or one lstat per directory.
+    """A Measurer that walks each generation once, then serves it as inotify vouches, or after one lstat per
+    directory.
 
     What is known is grouped by the directory the generation was listed in (the store's mount point), so
     that forget_except, called at the end of each store's scan, drops only that store's gone generations
@@ -245,9 +246,10 @@ class CachingMeasurer(Measurer):
     directories check out unchanged.
 
     watch_limit caps the inotify watches this measurer holds (0: no inotify, every generation is checked by
-    lstat; None: a quarter of fs.inotify.max_user_watches, which all of root's processes share, systemd too). Used by one scan at a time (Exporter.collect lets concurrent
-    scrapes share the scan in flight). walks and hits count generations walked and generations served from
-    what was known (bench/ and the tests read them).
+    lstat; None: a quarter of fs.inotify.max_user_watches, which all of root's processes share, systemd
+    too). Used by one scan at a time (Exporter.collect lets concurrent scrapes share the scan in flight).
+    walks and hits count generations walked and generations served from what was known (bench/ and the
+    tests read them).
     """
 
     def __init__(self, settle_ns: int = SETTLE_NS, watch_limit: int | None = None) -> None:
@@ -300,8 +302,8 @@ class CachingMeasurer(Measurer):
     def _drain(self) -> None:
         """Forget every generation whose watches reported anything since the last drain."""
         self._drained = True
-        if self._inotify is None or not self._watched:
-            return
+        if self._inotify is None:
+            return  # read even with nothing watched: the queue of removed watches' IN_IGNORED must not fill up
         seen, overflowed = self._inotify.read()
         if overflowed:
             for group_name, group in self._groups.items():
