@@ -273,12 +273,15 @@ def scan_store(
     # A generation with a filesystem mounted on it or inside it: the listing's inode is the covered directory's.
     below = real_mountpoint.rstrip("/") + "/"
     covered = {m.mount_point[len(below) :].partition("/")[0] for m in mounts if m.mount_point.startswith(below)}
+    vouched: set[int] = set()
+    linked_before = _link_target(scan.symlink)
     for number, entry in sorted(candidates, key=lambda c: c[0]):
         if entry.name not in covered:
             inode = entry.inode()  # from the listing: no system call
             usage = measurer.vouched(entry.path, top.st_dev, inode)
             if usage is not None:
                 scan.generations.append(Generation(number=number, device=top.st_dev, inode=inode, usage=usage))
+                vouched.add(number)
                 continue
         try:
             st = entry.stat(follow_symlinks=False)
@@ -305,7 +308,60 @@ def scan_store(
                 _catch_up_with_switch(scan, measurer)
             if not _switched_meanwhile(scan):
                 break
+    _confirm_current(scan, measurer, vouched, linked_before)
     return scan
+
+
+def _link_target(symlink: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(symlink)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _confirm_current(
+    scan: StoreScan, measurer: Measurer, vouched: set[int], linked_before: tuple[int, int] | None
+) -> None:
+    """Make the current generation's figures those of a complete generation.
+
+    sops-nix writes a generation completely, links it, and deletes it only once it is no longer linked. So a
+    walk that began after the symlink was seen naming a generation and ended with the symlink still naming
+    it saw that generation whole. A generation measured before its link was seen (a switch during the scan)
+    is measured again; one switched away from during its walk (switches faster than scans) is replaced by
+    the generation linked then. A generation the cache vouched for is settled, hence complete.
+    """
+    for _ in range(CATCH_UP_ATTEMPTS):
+        current = scan.current
+        if current is None:
+            return
+        identity = (current.device, current.inode)
+        if current.number not in vouched and identity != linked_before and _link_target(scan.symlink) == identity:
+            _measure_current_again(scan, measurer)
+        now = _link_target(scan.symlink)
+        if scan.current is not None and now == (scan.current.device, scan.current.inode):
+            return
+        _resolve_symlink(scan)
+        linked_before = None  # whatever the symlink names now was measured before this moment
+        if scan.symlink_state is SymlinkState.OUTSIDE and _switched_meanwhile(scan):
+            linked_before = _link_target(scan.symlink)
+            _catch_up_with_switch(scan, measurer)  # measures the generation after seeing its link
+
+
+def _measure_current_again(scan: StoreScan, measurer: Measurer) -> None:
+    current = scan.current
+    assert current is not None
+    path = os.path.join(scan.mountpoint, str(current.number))
+    try:
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) != (current.device, current.inode):
+            return
+        usage = measurer.usage_of(path, st, scan.scan_errors)
+    except (OSError, GenerationVanished):
+        return
+    if usage != current.usage:
+        scan.current = Generation(number=current.number, device=current.device, inode=current.inode, usage=usage)
+        scan.generations = [scan.current if g is current else g for g in scan.generations]
 
 
 CATCH_UP_ATTEMPTS = 10
