@@ -333,17 +333,19 @@ def _confirm_current(
     """
     for _ in range(CATCH_UP_ATTEMPTS):
         current = scan.current
-        if current is None:
-            return
-        identity = (current.device, current.inode)
-        if current.number not in vouched and identity != linked_before and _link_target(scan.symlink) == identity:
-            _measure_current_again(scan, measurer)
-        now = _link_target(scan.symlink)
-        if scan.current is not None and now == (scan.current.device, scan.current.inode):
-            return
+        if current is not None:
+            identity = (current.device, current.inode)
+            if current.number not in vouched and identity != linked_before and _link_target(scan.symlink) == identity:
+                _measure_current_again(scan, measurer)
+            if scan.current is not None and _link_target(scan.symlink) == (scan.current.device, scan.current.inode):
+                return
         _resolve_symlink(scan)
         linked_before = None  # whatever the symlink names now was measured before this moment
-        if scan.symlink_state is SymlinkState.OUTSIDE and _switched_meanwhile(scan):
+        if not _switched_meanwhile(scan):
+            if scan.current is None:
+                return  # missing, dangling or outside for real: reported as found
+            continue
+        if scan.symlink_state is SymlinkState.OUTSIDE:
             linked_before = _link_target(scan.symlink)
             _catch_up_with_switch(scan, measurer)  # measures the generation after seeing its link
 
