@@ -9,7 +9,6 @@ import argparse
 import logging
 import signal
 import sys
-import threading
 
 from exporter import __version__, app, logs
 from exporter.check import report
@@ -106,17 +105,19 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     except OSError as exc:
         sys.stderr.write(f"sops-nix-exporter: cannot listen on {args.listen_address}: {exc.strerror}\n")
         return EXIT_PROBLEM
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    # Taken synchronously by the main thread: blocked here, before any thread exists, so every thread inherits
+    # the block and the kernel cannot hand SIGTERM to a server thread, where a Python handler would wait for
+    # the main thread to wake up by itself (seen under strace: the exporter ignored systemd's stop).
+    shutdown_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, shutdown_signals)
     log.info(
         "listening",
         extra={"kv": {"address": args.listen_address, "port": server.port, "tls": server.tls, "version": __version__,
                       "stores": ",".join(s.mountpoint for s in config.stores)}},
     )  # fmt: skip
     server.start_in_thread()
-    stop.wait()
-    log.info("shutting down")
+    received = signal.sigwait(shutdown_signals)
+    log.info("shutting down", extra={"kv": {"signal": signal.Signals(received).name}})
     server.shutdown()
     return EXIT_OK
 

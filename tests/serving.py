@@ -119,17 +119,28 @@ class Served:
         raise AssertionError("no VmRSS")
 
     def stop(self) -> None:
+        """SIGTERM, as systemd stops it; an exporter that does not exit within 20 s fails the test (after
+        being killed, tracer and exporter both, so nothing outlives the test)."""
         if self.process.poll() is not None:
             return
         try:
-            os.kill(self.pid, signal.SIGTERM)
-        except (ProcessLookupError, OSError, IndexError, ValueError):
+            exporter = self.pid
+        except (OSError, IndexError, ValueError):
+            exporter = self.process.pid
+        try:
+            os.kill(exporter, signal.SIGTERM)
+        except ProcessLookupError:
             pass
         try:
             self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            os.kill(self.process.pid, signal.SIGKILL)
+            for pid in {exporter, self.process.pid}:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             self.process.wait()
+            raise AssertionError(f"the exporter did not exit within 20 s of SIGTERM:\n{self.log()[-2000:]}") from None
 
 
 def write_yaml(path: Path, data: dict) -> Path:
