@@ -21,6 +21,7 @@ from serving import (  # noqa: E402
     unprivileged_python,
 )
 from sopsnix import MountUnavailable, SopsStore, mounted  # noqa: E402
+from tools import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,9 +80,7 @@ def store_config(store: SopsStore, **extra) -> dict:
 
 
 def promtool_check_metrics(text: str) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed (Debian package prometheus); run scripts/test")
+    promtool = require_tool("promtool", "prometheus")
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert result.returncode == 0, f"promtool check metrics failed:\n{result.stdout}{result.stderr}"
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tools import require_tool
+
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "alerts"
 RULES = ALERTS / "sops-nix.rules.yml"
@@ -58,13 +60,6 @@ def load_build():
 build = load_build()
 
 
-def tool(name: str, package: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} not installed (Debian package {package}); run scripts/test")
-    return path
-
-
 def run(*cmd: str | Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=ROOT)
 
@@ -97,7 +92,7 @@ def test_render_is_the_rules_build_describes():
 
 
 def test_promtool_check_rules():
-    promtool = tool("promtool", "prometheus")
+    promtool = require_tool("promtool", "prometheus")
     result = run(promtool, "check", "rules", RULES)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(CONTRACT) + len(RECORDING)} rules found" in result.stdout
@@ -178,10 +173,8 @@ def test_job_and_runbook_base_are_changed_by_the_generator(tmp_path):
     for name, rule in alerts.items():
         if name != "SopsNixExporterDown":
             assert rule["expr"] == default[name]["expr"], name
-    promtool = shutil.which("promtool")
-    if promtool:
-        check = run(promtool, "check", "rules", output)
-        assert check.returncode == 0, check.stdout + check.stderr
+    check = run(require_tool("promtool", "prometheus"), "check", "rules", output)
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_for_scale_shortens_every_for_and_nothing_else():
@@ -196,7 +189,7 @@ def test_for_scale_shortens_every_for_and_nothing_else():
 
 
 def test_promtool_unit_tests_pass():
-    promtool = tool("promtool", "prometheus")
+    promtool = require_tool("promtool", "prometheus")
     assert UNIT_TESTS, "no tests/alerts/*.test.yml"
     result = run(promtool, "test", "rules", *UNIT_TESTS)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -225,7 +218,7 @@ def test_every_alert_is_unit_tested_firing_and_silent():
 
 def test_unit_tests_fail_when_an_alert_is_wrong(tmp_path):
     """The unit tests can fail: a rules file with one threshold changed makes promtool report it."""
-    promtool = tool("promtool", "prometheus")
+    promtool = require_tool("promtool", "prometheus")
     broken = build.render().replace(">= 0.8", ">= 0.9")
     assert broken != build.render()
     (tmp_path / "alerts").mkdir()
@@ -242,7 +235,7 @@ def test_unit_tests_fail_when_an_alert_is_wrong(tmp_path):
 
 
 def test_amtool_check_config():
-    amtool = tool("amtool", "prometheus-alertmanager")
+    amtool = require_tool("amtool", "prometheus-alertmanager")
     result = run(amtool, "check-config", EXAMPLE)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -258,7 +251,7 @@ def test_amtool_check_config():
     ],
 )
 def test_example_routes_by_severity(labels, receiver):
-    amtool = tool("amtool", "prometheus-alertmanager")
+    amtool = require_tool("amtool", "prometheus-alertmanager")
     pairs = [f"{key}={value}" for key, value in labels.items()]
     result = run(amtool, "config", "routes", "test", f"--config.file={EXAMPLE}", *pairs)
     assert result.returncode == 0, result.stdout + result.stderr

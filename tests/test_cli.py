@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ from sopsnix import (
     sops_layout,
     umount,
 )
+from tools import require_tool
 
 NOBODY = 65534
 SETPRIV = [
@@ -337,9 +337,7 @@ def test_textfile_output(store, scratch, promtool_check):
 def test_textfile_is_written_by_rename(store, scratch):
     """Traced with strace(1): the final path is never opened, only renamed onto, from a name the textfile
     collector ignores (it reads *.prom only)."""
-    strace = shutil.which("strace")
-    if strace is None:
-        pytest.skip("strace not installed (Debian package strace)")
+    strace = require_tool("strace", "strace")
     linked_store(store, Secrets())
     config = write_config(scratch, config_data(store_config(store)))
     output = scratch / "sops-nix.prom"

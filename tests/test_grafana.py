@@ -13,13 +13,14 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tools import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAFANA = ROOT / "grafana"
@@ -125,13 +126,6 @@ def documented_metrics() -> set[str]:
     if not METRICS_DOC.exists():
         pytest.fail(f"{METRICS_DOC.relative_to(ROOT)} is missing: it must list every metric the dashboards use")
     return set(re.findall(r"`([A-Za-z_:][A-Za-z0-9_:]*)", METRICS_DOC.read_text()))
-
-
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.skip("promtool not installed (Debian package prometheus); run scripts/test")
-    return path
 
 
 # --- offline -------------------------------------------------------------------------------------
@@ -240,7 +234,7 @@ def test_metric_name_extraction():
 
 
 def test_every_query_parses_as_promql(tmp_path):
-    binary = promtool()
+    binary = require_tool("promtool", "prometheus")
     rules = []
     variants = [
         {"job": "sops-nix", "instances": None, "vms": None},  # All

@@ -34,6 +34,7 @@ from exporter.cli import parse_args
 from exporter.config import parse_config
 from exporter.web import parse_listen_address
 from sopsnix import SAMPLE_SECRETS
+from tools import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 NIX = ROOT / "nix"
@@ -46,20 +47,13 @@ NIX_FILES = sorted([ROOT / "flake.nix", *NIX.glob("*.nix")])
 THE_CAPABILITIES = {"CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"}
 
 
-def tool(name: str, package: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} not installed (Debian package {package}); run scripts/test")
-    return path
-
-
 # Paths are computed, never added: no Nix store or daemon is needed, and none is touched (any user can run this).
 NO_STORE = ("--store", "dummy://")
 
 
 def nix_eval(expression: str):
     """Strict evaluation with builtins only: no nixpkgs, no channel, no Nix store."""
-    nix_instantiate = tool("nix-instantiate", "nix-bin")
+    nix_instantiate = require_tool("nix-instantiate", "nix-bin")
     result = subprocess.run(
         [nix_instantiate, *NO_STORE, "--eval", "--strict", "--json", "-E", expression],
         cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "NIX_PATH": ""},
@@ -95,7 +89,7 @@ def test_the_nix_files_are_all_there():
 
 @pytest.mark.parametrize("path", NIX_FILES, ids=[p.relative_to(ROOT).as_posix() for p in NIX_FILES])
 def test_nix_file_parses(path):
-    nix_instantiate = tool("nix-instantiate", "nix-bin")
+    nix_instantiate = require_tool("nix-instantiate", "nix-bin")
     result = subprocess.run(
         [nix_instantiate, *NO_STORE, "--parse", str(path)], capture_output=True, text=True, timeout=60
     )
@@ -152,7 +146,7 @@ def test_hardening_hides_nothing_the_exporter_reads():
 
 
 def test_documented_unit_passes_systemd_analyze(scratch):
-    systemd_analyze = tool("systemd-analyze", "systemd")
+    systemd_analyze = require_tool("systemd-analyze", "systemd")
     executable = Path(sys.executable).parent / "sops-nix-exporter"
     if not executable.exists():
         pytest.skip(f"{executable} missing: install the package into the venv (pip install -e .)")
@@ -174,7 +168,7 @@ def test_documented_unit_passes_systemd_analyze(scratch):
 
 def test_nix_rendered_command_line_is_read_by_systemd(scratch):
     """ExecStart as service.nix writes it (quoted, % and $ doubled) names the executable systemd runs."""
-    systemd_analyze = tool("systemd-analyze", "systemd")
+    systemd_analyze = require_tool("systemd-analyze", "systemd")
     executable = Path(sys.executable).parent / "sops-nix-exporter"
     if not executable.exists():
         pytest.skip(f"{executable} missing: install the package into the venv (pip install -e .)")
@@ -389,7 +383,7 @@ def test_module_refuses_what_the_exporter_would_refuse(setting, option):
         f"import ./nix/module-eval.nix {{ lib = import {nix_string(lib)}; configuration = {{ {configuration} }}; }}"
     )
     result = subprocess.run(
-        [tool("nix-instantiate", "nix-bin"), *NO_STORE, "--eval", "--strict", "--json", "-E", expression],
+        [require_tool("nix-instantiate", "nix-bin"), *NO_STORE, "--eval", "--strict", "--json", "-E", expression],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode != 0
@@ -483,8 +477,8 @@ def collector_success(text: str) -> dict[str, float]:
 
 
 def test_exporter_makes_no_system_call_the_filter_blocks(make_store, pinners, scratch):
-    strace = tool("strace", "strace")
-    groups = syscall_groups(tool("systemd-analyze", "systemd"))
+    strace = require_tool("strace", "strace")
+    groups = syscall_groups(require_tool("systemd-analyze", "systemd"))
     allowed = allowed_syscalls(unit_values()["serviceConfig"]["SystemCallFilter"], groups)
 
     store = make_store("ramfs")
@@ -541,7 +535,7 @@ def test_exporter_makes_no_system_call_the_filter_blocks(make_store, pinners, sc
 
 def test_procsubset_pid_would_break_the_stores_collector(make_store, scratch):
     """Why the unit leaves ProcSubset= alone: with /proc limited to processes, /proc/meminfo is gone."""
-    unshare = tool("unshare", "util-linux")
+    unshare = require_tool("unshare", "util-linux")
     store = make_store("ramfs")
     store.switch(SAMPLE_SECRETS)
     config = write_config(scratch, {"stores": [{"mountpoint": str(store.mountpoint), "symlink": str(store.symlink)}]})
@@ -732,7 +726,7 @@ def test_documented_unit_runs_the_exporter_under_systemd(require_root, scratch):
     that has only loopback) and starts the documented unit as written. The exporter runs as its own user
     with its two capabilities under every sandboxing setting, and still reads the store, the subdirectories
     closed to `keys`, virtiofsd processes of all three sandbox modes, and a store mounted after it started."""
-    nspawn = tool("systemd-nspawn", "systemd-container")
+    nspawn = require_tool("systemd-nspawn", "systemd-container")
     from pinning import PinnerUnavailable, pinner_binary
 
     executable = Path(sys.executable).parent / "sops-nix-exporter"

@@ -6,16 +6,15 @@ may be impossible against what the switcher did and when."""
 from __future__ import annotations
 
 import bisect
-import shutil
 import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 
-import pytest
 import requests
 
 from scrape import samples
+from tools import require_tool
 
 SWITCH_SECONDS = 30
 KEEP_GENERATIONS = 2
@@ -60,9 +59,7 @@ class Links:
 
 
 def test_switch_and_prune_while_scraping(make_store, pinners, scratch, serve):
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed (Debian package prometheus)")
+    promtool = require_tool("promtool", "prometheus")
     store = make_store("ramfs")
     state_dir = scratch / "microvms"
     links = Links()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ from serving import (
     write_yaml,
 )
 from sopsnix import Secrets, SopsStore
+from tools import require_tool
 
 CAPABILITY_BITS = {"dac_read_search": 2, "sys_ptrace": 19}
 
@@ -116,9 +116,7 @@ def opens_inside(trace: str, inside: list[str], cwd: str) -> tuple[list[tuple[st
 
 
 def test_never_opens_a_secret_while_serving(make_store, pinners, scratch):
-    strace = shutil.which("strace")
-    if strace is None:
-        pytest.skip("strace not installed (Debian package strace)")
+    strace = require_tool("strace", "strace")
     store = make_store("ramfs")
     state_dir = scratch / "microvms"
     secrets = Secrets()

@@ -45,6 +45,7 @@ from sopsnix import (
     sops_layout,
     umount,
 )
+from tools import require_tool
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -558,9 +559,7 @@ def test_failure_details_at_debug_level_carry_no_secret(store, exporter_log):
 def test_never_opens_a_file_in_the_store(store, scratch):
     """Traced with strace(1): every open below the mount point is of a directory (O_DIRECTORY). A FIFO in
     every generation would also hang a reader that opened it."""
-    strace = shutil.which("strace")
-    if strace is None:
-        pytest.skip("strace not installed (Debian package strace)")
+    strace = require_tool("strace", "strace")
     secrets = Secrets()
     sops_layout(store, secrets)
     config = write_config(scratch, config_data(store_config(store)))

@@ -21,6 +21,7 @@ import requests
 
 from scrape import value
 from serving import exporter_env, start_serving, write_yaml
+from tools import require_tool
 
 try:
     import bcrypt
@@ -67,8 +68,7 @@ def client_ext(san: str) -> str:
 
 @pytest.fixture(scope="module")
 def pki():
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed (Debian package openssl)")
+    require_tool("openssl", "openssl")
     directory = Path(tempfile.mkdtemp(prefix="sopsnix-pki-"))
     _ca(directory, "ca")
     _ca(directory, "rogue-ca")
