@@ -564,7 +564,7 @@ def test_procsubset_pid_would_break_the_stores_collector(make_store, scratch):
 CONTAINER_STORES = '''
 import grp, os, subprocess, sys
 from pathlib import Path
-sys.path.insert(0, "/work/main/tests")
+sys.path.insert(0, TESTS)  # this checkout's tests/, filled in by the test
 from sopsnix import SAMPLE_SECRETS, SopsStore
 
 def make(mountpoint, symlink, switches):
@@ -589,7 +589,7 @@ if __name__ == "__main__":
 CONTAINER_PIN = '''
 import subprocess, sys
 from pathlib import Path
-sys.path.insert(0, "/work/main/tests")
+sys.path.insert(0, TESTS)  # this checkout's tests/, filled in by the test
 from pinning import command_line, declare_share, socket_name
 
 binary, mode = sys.argv[1:]
@@ -655,6 +655,11 @@ def free_id(taken: set[int]) -> int:
     return next(n for n in range(64900, 65500) if n not in taken)
 
 
+def unit_output(name: str) -> str:
+    """Service lines that keep a test unit's output in /results, where a failing run can show it."""
+    return f"StandardOutput=append:/results/{name}.log\nStandardError=append:/results/{name}.log\n"
+
+
 def container_etc(scratch: Path, executable: Path, pinner: Path) -> tuple[Path, int, int]:
     """A copy of the host's /etc with the exporter's user, `keys`, the documented unit and the test's units.
     Returns it with the exporter's uid and the gid of `keys`."""
@@ -692,11 +697,12 @@ def container_etc(scratch: Path, executable: Path, pinner: Path) -> tuple[Path, 
         "[Unit]\nWants=sopsnix-test-store.service\nAfter=sopsnix-test-store.service\n"
     )
     (units / "sopsnix-test-store.service").write_text(
-        "[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/usr/bin/python3 /results/stores.py\n"
+        f"[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/usr/bin/python3 /results/stores.py\n"
+        f"{unit_output('store')}"
     )
     (units / "microvm-virtiofsd@.service").write_text(
         "[Unit]\nRequires=sopsnix-test-store.service\nAfter=sopsnix-test-store.service\n"
-        f"[Service]\nExecStart=/usr/bin/python3 /results/pin.py {pinner} %i\n"
+        f"[Service]\nExecStart=/usr/bin/python3 /results/pin.py {pinner} %i\n{unit_output('pin-%i')}"
     )
     pinners = " ".join(f"microvm-virtiofsd@{mode}.service" for mode in SANDBOX_MODES)
     (units / "sopsnix-test-check.service").write_text(
@@ -704,6 +710,9 @@ def container_etc(scratch: Path, executable: Path, pinner: Path) -> tuple[Path, 
         "SuccessAction=poweroff\nFailureAction=poweroff\n"
         "[Service]\nType=oneshot\nTimeoutStartSec=180\n"
         f"ExecStart=/usr/bin/python3 /results/check.py {' '.join(SANDBOX_MODES)}\n"
+    )
+    (units / "sopsnix-test-check.service").write_text(
+        (units / "sopsnix-test-check.service").read_text() + unit_output("check")
     )
     (units / "sopsnix-test.target").write_text("[Unit]\nWants=sopsnix-test-check.service\n")
     return etc, uid, keys_gid
@@ -747,9 +756,8 @@ def test_documented_unit_runs_the_exporter_under_systemd(require_root, scratch):
     etc, uid, keys_gid = container_etc(scratch, executable, pinner)
     results = scratch / "results"
     results.mkdir()
-    (results / "stores.py").write_text(CONTAINER_STORES)
-    (results / "pin.py").write_text(CONTAINER_PIN)
-    (results / "check.py").write_text(CONTAINER_CHECK)
+    for name, script in (("stores", CONTAINER_STORES), ("pin", CONTAINER_PIN), ("check", CONTAINER_CHECK)):
+        (results / f"{name}.py").write_text(script.replace("TESTS", repr(str(ROOT / "tests"))))
     console = scratch / "console.log"
     command = [
         nspawn, "--directory=/", "--volatile=yes", "--private-network", "--register=no", "--keep-unit",
@@ -770,7 +778,8 @@ def test_documented_unit_runs_the_exporter_under_systemd(require_root, scratch):
     if not (results / "result.json").exists():
         if "Reached target" not in log:
             pytest.skip(f"systemd-nspawn cannot boot a container on this machine: {log.strip()[-800:]}")
-        raise AssertionError(f"the container booted but the check did not finish:\n{log[-6000:]}")
+        outputs = "".join(f"\n--- {p.name}:\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(results.glob("*.log")))
+        raise AssertionError(f"the container booted but the check did not finish:\n{log[-4000:]}{outputs}")
 
     result = json.loads((results / "result.json").read_text())
     assert "error" not in result, f"{result['error']}\nthe exporter's journal:\n{result['journal']}"
