@@ -42,109 +42,31 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import marshal
 import os
 import stat
 import struct
+import subprocess
 import sys
-import time
 import weakref
 from collections.abc import Callable
 
-from exporter.store import GenerationVanished, Measurer, Usage, error_reason
+from exporter import walker
+from exporter.store import GenerationVanished, Measurer, Usage
 
 # A directory changed this recently may still be being written to: walk it again rather than remember it.
 SETTLE_NS = 2_000_000_000
-
-_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FILE_TYPE = 0o170000  # S_IFMT
 
 # (st_dev, st_ino, st_mtime_ns, st_ctime_ns) of each directory, flattened, in the order of its paths.
 Signature = tuple[int, ...]
 
 
-def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
-    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns
-
-
 def walk(
     path: str, device: int, errors: dict[str, int], opening: Callable[[str], None] | None = None
 ) -> tuple[Usage, list[str], Signature]:
-    """Sum the regular files below path like store.measure, and note every directory on the way.
-
-    Returns the usage, the paths of the directories below path (relative, walk order) and the signature:
-    the identity of path itself followed by that of each of those directories, each taken before the
-    directory was listed. Directories on another filesystem (something mounted inside a generation) are
-    noted but not entered, as measure does. Raises GenerationVanished when path itself disappears.
-    opening, if given, is called with the path of each directory to be entered, before it is opened.
-    """
-    files = blocks = size = 0
-    complete = True
-    relatives: list[str] = []
-    signature: list[int] = []
-
-    def failed(exc: OSError) -> None:
-        nonlocal complete
-        reason = error_reason(exc)
-        if reason != "vanished":  # an entry removed between the listing and the stat costs nothing any more
-            errors[reason] = errors.get(reason, 0) + 1
-            complete = False
-
-    try:
-        if opening is not None:
-            opening(path)
-        root_fd = os.open(path, _DIRECTORY_FLAGS)
-    except OSError as exc:
-        if not os.path.lexists(path):
-            raise GenerationVanished(path) from None
-        failed(exc)
-        return Usage(complete=complete), relatives, ()
-    try:
-        signature.extend(_identity(os.fstat(root_fd)))
-    except OSError as exc:
-        os.close(root_fd)
-        failed(exc)
-        return Usage(complete=False), relatives, ()
-
-    lstat, listdir = os.lstat, os.listdir
-    pending = [("", root_fd)]
-    try:
-        while pending:
-            prefix, directory_fd = pending.pop()
-            try:
-                names = listdir(directory_fd)
-                for name in names:
-                    try:
-                        st = lstat(name, dir_fd=directory_fd)
-                    except OSError as exc:
-                        failed(exc)
-                        continue
-                    kind = st.st_mode & _FILE_TYPE  # S_ISREG and S_ISDIR without a call each: once per file
-                    if kind == stat.S_IFREG:
-                        files += 1
-                        blocks += st.st_blocks
-                        size += st.st_size
-                    elif kind == stat.S_IFDIR:
-                        relative = sys.intern(prefix + name)
-                        relatives.append(relative)
-                        signature.extend(_identity(st))
-                        if st.st_dev != device:
-                            continue  # another filesystem mounted here: not part of the generation's cost
-                        try:
-                            # By its full path, not relative to directory_fd: a trace of the exporter then names
-                            # every directory it opens (tests/test_stores.py checks that only directories are).
-                            if opening is not None:
-                                opening(path + "/" + relative)
-                            pending.append((relative + "/", os.open(path + "/" + relative, _DIRECTORY_FLAGS)))
-                        except OSError as exc:
-                            failed(exc)
-            except OSError as exc:  # the listing itself
-                failed(exc)
-            finally:
-                os.close(directory_fd)
-    finally:
-        for _, directory_fd in pending:  # left over only when something unexpected ended the walk
-            os.close(directory_fd)
-    return Usage(files=files, bytes=blocks * 512, apparent_bytes=size, complete=complete), relatives, tuple(signature)
+    """exporter.walker.walk, its sums as a Usage: (usage, relative paths of the directories, signature)."""
+    files, blocks, size, complete, relatives, signature = walker.walk(path, device, errors, opening)
+    return Usage(files=files, bytes=blocks * 512, apparent_bytes=size, complete=complete), relatives, signature
 
 
 # One directory's identity, packed: thousands of generations are remembered, each in one small bytes object
@@ -224,6 +146,33 @@ class _Known:
         self.watches = watches
 
 
+# A first scan with at least this many generations to walk shares them with helper processes: below it, starting
+# an interpreter (about 20 ms) costs more than it saves.
+PARALLEL_FROM = 200
+MAX_HELPERS = 3
+
+# The directory holding the exporter package, from which a helper imports exporter.walker.
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(walker.__file__)))
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class _Helper:
+    """A helper process walking a share of the generations, and the paths of that share in order."""
+
+    __slots__ = ("process", "paths", "reserved_watches")
+
+    def __init__(self, process: subprocess.Popen, paths: list[str], reserved_watches: int) -> None:
+        self.process = process
+        self.paths = paths
+        self.reserved_watches = reserved_watches
+
+
 def _share_of_user_watches() -> int:
     try:
         with open("/proc/sys/fs/inotify/max_user_watches") as f:
@@ -252,8 +201,15 @@ class CachingMeasurer(Measurer):
     tests read them).
     """
 
-    def __init__(self, settle_ns: int = SETTLE_NS, watch_limit: int | None = None) -> None:
+    def __init__(self, settle_ns: int = SETTLE_NS, watch_limit: int | None = None, helpers: int | None = None) -> None:
         self.settle_ns = settle_ns
+        if helpers is None:
+            helpers = min(_usable_cpus() - 1, MAX_HELPERS)
+        self.helpers = max(helpers, 0)
+        self.helpers_started = 0
+        self._helper_of: dict[str, _Helper] = {}  # path of a generation -> the helper walking it
+        self._prefetched: dict[str, tuple] = {}  # path of a generation -> what a helper found there
+        self._reserved = 0  # watches promised to helpers still running
         if watch_limit is None:
             watch_limit = _share_of_user_watches()
         self.watch_limit = watch_limit
@@ -286,6 +242,7 @@ class CachingMeasurer(Measurer):
 
     def close(self) -> None:
         """Drop every watch and the inotify descriptor (also done when the measurer is garbage-collected)."""
+        self.end_prefetch()
         if self._inotify is not None:
             self._inotify.close()
             self._inotify = None
@@ -380,37 +337,30 @@ class CachingMeasurer(Measurer):
         return self._walk(path, listed.st_dev, errors, group_name)
 
     def _walk(self, path: str, device: int, errors: dict[str, int], group_name: str | None = None) -> Usage:
-        started_ns = time.time_ns()  # before any stat the walk takes
         self.walks += 1
-        found: dict[str, int] = {}
         group = self._groups.get(group_name) if group_name is not None else None
-        watching = self._inotify is not None and group is not None
-        added: list[int] = []  # watches the walk placed (or found already placed), in order
-        failed: list[str] = []
-
-        def opening(directory: str) -> None:
-            if failed:
-                return
-            if len(self._watched) + len(added) >= self.watch_limit:
-                failed.append(f"the watch limit of {self.watch_limit} is reached")
-                return
-            try:
-                added.append(self._inotify.watch(directory))
-            except OSError as exc:  # ENOSPC: fs.inotify.max_user_watches; EACCES; no /proc
-                failed.append(f"inotify_add_watch: {errno.errorcode.get(exc.errno, exc.errno)}")
-
-        try:
-            usage, relatives, signature = walk(path, device, found, opening if watching else None)
-        except GenerationVanished:
+        result = self._from_helper(path) if group is not None else None
+        if result is None:
+            watching = self._inotify is not None and group is not None
+            result = walker.walk_for_exporter(
+                path,
+                device,
+                self._inotify.watch if watching else None,
+                self.watch_limit - len(self._watched) - self._reserved,
+                f"the watch limit of {self.watch_limit} is reached",
+            )
+        status, started_ns, files, blocks, size, complete, found, relatives, signature, added, stopped = result
+        if status == walker.VANISHED:
             self._discard(added, keep=())
-            raise
+            raise GenerationVanished(path)
+        usage = Usage(files=files, bytes=blocks * 512, apparent_bytes=size, complete=complete)
         for reason, count in found.items():
             errors[reason] = errors.get(reason, 0) + count
         key = (signature[0], signature[1]) if len(signature) >= 2 else None
         old = group.get(key) if group is not None and key is not None else None
         watches = tuple(added)
-        if failed:
-            self._unwatched(failed[0])
+        if stopped:
+            self._unwatched(stopped)
             watches = ()
         elif any(self._watched.get(wd, (group_name, key)) != (group_name, key) for wd in watches):
             watches = ()  # a directory that already vouches for another generation (a bind mount): not this one's
@@ -435,6 +385,108 @@ class CachingMeasurer(Measurer):
         else:
             self._discard(added, keep=())
         return usage
+
+    def prefetch(self, listed: list[tuple[str, os.stat_result]]) -> None:
+        """Share the walk of a first scan with helper processes: from PARALLEL_FROM generations not known yet,
+        the exporter keeps the first share and each helper walks one of the others at the same time, placing
+        its watches on the exporter's inotify instance (inherited). What each helper found is taken in when
+        usage_of reaches its share, and then treated exactly as a walk of the exporter's own."""
+        if self.helpers == 0 or not listed:
+            return
+        if not self._drained:
+            self._drain()
+        group_name = listed[0][0].rpartition("/")[0]
+        group = self._groups.get(group_name, {})
+        unknown = [
+            (path, st)
+            for path, st in listed
+            if (st.st_dev, st.st_ino) not in group and path.rpartition("/")[0] == group_name
+        ]
+        if len(unknown) < PARALLEL_FROM:
+            return
+        share = -(-len(unknown) // (self.helpers + 1))
+        available = max(self.watch_limit - len(self._watched) - self._reserved, 0)
+        for start in range(share, len(unknown), share):
+            chunk = unknown[start : start + share]
+            if not self._start_helper(group_name, chunk, available * len(chunk) // len(unknown)):
+                return
+
+    def _start_helper(self, group_name: str, chunk: list[tuple[str, os.stat_result]], watches: int) -> bool:
+        inotify_fd = self._inotify.fd if self._inotify is not None and watches > 0 else -1
+        request = marshal.dumps((
+            group_name,
+            [(path.rpartition("/")[2], st.st_dev) for path, st in chunk],
+            inotify_fd,
+            _WATCH_MASK,
+            watches if inotify_fd >= 0 else 0,
+            f"the watch limit of {self.watch_limit} is reached",
+        ))  # fmt: skip
+        process = None
+        try:
+            if not sys.executable:
+                raise OSError(errno.ENOENT, "the interpreter's path is unknown (sys.executable is empty)")
+            process = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", walker.HELPER_CODE, _PACKAGE_PARENT],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                pass_fds=(inotify_fd,) if inotify_fd >= 0 else (),
+            )
+            process.stdin.write(request)
+            process.stdin.close()
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            if process is not None:
+                process.kill()
+                process.wait()
+                process.stdout.close()
+            self.helpers = 0
+            log.warning(
+                "first scans walk every generation in the exporter's own process: cannot start a helper process "
+                "(%s: %s)", type(exc).__name__, exc.strerror if isinstance(exc, OSError) else exc,
+            )  # fmt: skip
+            return False
+        self.helpers_started += 1
+        helper = _Helper(process, [path for path, _ in chunk], watches if inotify_fd >= 0 else 0)
+        self._reserved += helper.reserved_watches
+        for path in helper.paths:
+            self._helper_of[path] = helper
+        return True
+
+    def _from_helper(self, path: str) -> tuple | None:
+        """What a helper found at path, waiting for it if it is still walking; None if no helper walked it."""
+        helper = self._helper_of.get(path)
+        if helper is not None:
+            self._collect(helper)
+        return self._prefetched.pop(path, None)
+
+    def _collect(self, helper: _Helper) -> None:
+        for path in helper.paths:
+            self._helper_of.pop(path, None)
+        self._reserved -= helper.reserved_watches
+        results = None
+        with helper.process.stdout:
+            try:
+                answer = helper.process.stdout.read()
+                if helper.process.wait() == 0:
+                    results = marshal.loads(answer)
+            except (OSError, EOFError, ValueError, TypeError):
+                pass
+        if not isinstance(results, list) or len(results) != len(helper.paths):
+            # Its watches, if it placed any, come back to the exporter as it walks the same directories again:
+            # inotify_add_watch returns the descriptor already placed on a directory.
+            log.warning(
+                "a helper process walking %d generations ended with status %s and no answer: the exporter walks "
+                "them itself", len(helper.paths), helper.process.returncode,
+            )  # fmt: skip
+            return
+        self._prefetched.update(zip(helper.paths, results, strict=True))
+
+    def end_prefetch(self) -> None:
+        for helper in {id(helper): helper for helper in self._helper_of.values()}.values():
+            self._collect(helper)
+        for result in self._prefetched.values():
+            self._discard(result[9], keep=())
+        self._prefetched.clear()
 
     def forget_except(self, live: set[tuple[int, int]]) -> None:
         for group_name in self._listed_in:

@@ -7,7 +7,6 @@ calls lstat/stat/readlink: it never opens a file, and no file name below a gener
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from enum import Enum
 
 from exporter import mountinfo
 from exporter.config import StoreConfig
+from exporter.walker import GenerationVanished, error_reason, walk
 
 
 class SymlinkState(str, Enum):
@@ -105,23 +105,11 @@ class StoreScan:
         self.scan_errors[reason] = self.scan_errors.get(reason, 0) + 1
 
 
-def error_reason(exc: OSError) -> str:
-    if isinstance(exc, PermissionError):
-        return "permission_denied"
-    if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE):
-        return "vanished"
-    return "error"
-
-
 def generation_number(name: str) -> int | None:
     """A generation is named by a decimal number as sops-nix writes it: no sign, no leading zero."""
     if name.isascii() and name.isdigit() and (name == "0" or not name.startswith("0")):
         return int(name)
     return None
-
-
-class GenerationVanished(Exception):
-    """The generation directory was removed while it was being measured (a prune during the scan)."""
 
 
 def measure(path: str, device: int, errors: dict[str, int]) -> Usage:
@@ -130,36 +118,7 @@ def measure(path: str, device: int, errors: dict[str, int]) -> Usage:
     Raises GenerationVanished when path itself disappears; everything else becomes an incomplete Usage
     with the reason counted in errors.
     """
-    files = blocks = size = 0
-    complete = True
-    pending = [path]
-    while pending:
-        directory = pending.pop()
-        try:
-            with os.scandir(directory) as entries:
-                for entry in entries:
-                    try:
-                        if entry.is_dir(follow_symlinks=False):
-                            if entry.stat(follow_symlinks=False).st_dev == device:
-                                pending.append(entry.path)
-                        elif entry.is_file(follow_symlinks=False):
-                            st = entry.stat(follow_symlinks=False)
-                            files += 1
-                            blocks += st.st_blocks
-                            size += st.st_size
-                    except OSError as exc:
-                        # The entry went away between the listing and the stat: it no longer costs memory.
-                        reason = error_reason(exc)
-                        if reason != "vanished":
-                            errors[reason] = errors.get(reason, 0) + 1
-                            complete = False
-        except OSError as exc:
-            if directory == path and not os.path.lexists(path):
-                raise GenerationVanished(path) from None
-            reason = error_reason(exc)
-            if reason != "vanished":
-                errors[reason] = errors.get(reason, 0) + 1
-                complete = False
+    files, blocks, size, complete, _, _ = walk(path, device, errors)
     return Usage(files=files, bytes=blocks * 512, apparent_bytes=size, complete=complete)
 
 
@@ -206,6 +165,13 @@ class Measurer:
         device is the store's mount point's, inode the one the listing gave. None: stat it and call usage_of.
         scan_store never asks about a generation something is mounted on or in."""
         return None
+
+    def prefetch(self, listed: list[tuple[str, os.stat_result]]) -> None:
+        """scan_store is about to call usage_of for each of these generations, in this order: a measurer may
+        start on them ahead. end_prefetch follows, once they are all asked for (or the scan failed)."""
+
+    def end_prefetch(self) -> None:
+        """Whatever prefetch started and usage_of did not take is dropped."""
 
     def forget_except(self, live: set[tuple[int, int]]) -> None:
         """Drop whatever is known about generations that no longer exist."""
@@ -274,6 +240,7 @@ def scan_store(
     below = real_mountpoint.rstrip("/") + "/"
     covered = {m.mount_point[len(below) :].partition("/")[0] for m in mounts if m.mount_point.startswith(below)}
     vouched: set[int] = set()
+    to_measure: list[tuple[int, str, os.stat_result]] = []
     linked_before = _link_target(scan.symlink)
     for number, entry in sorted(candidates, key=lambda c: c[0]):
         if entry.name not in covered:
@@ -284,15 +251,24 @@ def scan_store(
                 vouched.add(number)
                 continue
         try:
-            st = entry.stat(follow_symlinks=False)
-            usage = measurer.usage_of(entry.path, st, scan.scan_errors)
-        except GenerationVanished:
-            scan.note_error("vanished")
-            continue
+            to_measure.append((number, entry.path, entry.stat(follow_symlinks=False)))
         except OSError as exc:
             scan.note_error(error_reason(exc))
-            continue
-        scan.generations.append(Generation(number=number, device=st.st_dev, inode=st.st_ino, usage=usage))
+    measurer.prefetch([(path, st) for _, path, st in to_measure])
+    try:
+        for number, path, st in to_measure:
+            try:
+                usage = measurer.usage_of(path, st, scan.scan_errors)
+            except GenerationVanished:
+                scan.note_error("vanished")
+                continue
+            except OSError as exc:
+                scan.note_error(error_reason(exc))
+                continue
+            scan.generations.append(Generation(number=number, device=st.st_dev, inode=st.st_ino, usage=usage))
+    finally:
+        measurer.end_prefetch()
+    scan.generations.sort(key=lambda generation: generation.number)
     measurer.forget_except({(g.device, g.inode) for g in scan.generations})
     _resolve_symlink(scan)
     if _switched_meanwhile(scan):

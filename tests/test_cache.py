@@ -17,19 +17,25 @@ needs what was just written to be remembered.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from exporter import app, mountinfo
-from exporter.cache import SETTLE_NS, CachingMeasurer, walk
+from exporter.cache import PARALLEL_FROM, SETTLE_NS, CachingMeasurer, walk
 from exporter.collectors import StoresCollector
 from exporter.config import Config, StoreConfig
 from exporter.framework import Exporter
 from exporter.store import Measurer, StoreScan, measure, scan_store
+
 from sopsnix import SopsStore, du_figures, mount, umount
 
+ROOT = Path(__file__).resolve().parent.parent
 SETTLE_SECONDS = 0.05  # above the coarsest timestamp granularity (one jiffy at HZ=100)
 
 
@@ -401,3 +407,104 @@ def test_a_discarded_measurer_closes_its_descriptor(store, watch_limit):
 
     gc.collect()
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+# A first scan shared with helper processes (from PARALLEL_FROM generations not known yet)
+
+
+def many_generations(store: SopsStore, count: int = PARALLEL_FROM + 40) -> None:
+    for number in range(1, count + 1):
+        store.write_generation(number, secrets_for(number))
+    store.link(count)
+
+
+def with_helpers(store: SopsStore, helpers: int = 2) -> Pair:
+    """A Pair whose measurer may start helpers, on a store with enough generations for them to start."""
+    many_generations(store)
+    pair = Pair(store)
+    pair.cached.close()
+    pair.cached = CachingMeasurer(settle_ns=int(SETTLE_SECONDS * 1e9), watch_limit=Pair.watch_limit, helpers=helpers)
+    settle()
+    return pair
+
+
+def test_first_scan_shared_with_helpers(store, watch_limit):
+    """Helpers walk two thirds of a first scan: the result equals a fresh walk, the watches they placed are
+    the exporter's, and a change in a generation a helper walked is noticed like any other."""
+    pair = with_helpers(store)
+    count = PARALLEL_FROM + 40
+    assert pair.scan(pair.cached) == pair.scan(Measurer())
+    assert pair.cached.helpers_started == 2 and pair.cached.walks == count
+    assert pair.cached.known == count
+    expected = count * DIRECTORIES_PER_GENERATION if watch_limit is None else watch_limit // 4 * 4
+    if watch_limit is None:
+        assert pair.cached.watches == expected  # every directory, whichever process walked it
+    else:
+        assert pair.cached.watches <= expected  # the budget, shared out: never exceeded
+    assert pair.walks_for() == 0
+    assert pair.cached.helpers_started == 2, "a warm scan starts no helper"
+
+    last = store.generation_path(count)  # in the last helper's share
+    assert pair.walks_for(lambda: (last / "rendered" / "nested" / "added").write_bytes(os.urandom(3000))) == 1
+    pair.compare()
+    settle()
+    pair.walks_for()  # once quiet, the changed generation is remembered (compare() may have done it already)
+    shutil.rmtree(store.generation_path(count - 1))
+    assert pair.walks_for() == 0
+    assert pair.compare().by_number(count - 1) is None
+    assert pair.cached.known == count - 1
+
+
+@pytest.mark.parametrize("watch_limit", [None])
+@pytest.mark.parametrize("interpreter", ["/nonexistent/python3", "/bin/false"], ids=["cannot-start", "fails"])
+def test_helpers_that_fail_leave_the_walk_to_the_exporter(store, watch_limit, interpreter, monkeypatch, caplog):
+    """An interpreter that cannot start (missing, or forbidden by a sandbox) or a helper that ends without an
+    answer: the exporter walks those generations itself, the figures are the same, and the log says so."""
+    pair = with_helpers(store)
+    count = PARALLEL_FROM + 40
+    monkeypatch.setattr("sys.executable", interpreter)
+    with caplog.at_level("WARNING", logger="exporter.cache"):
+        assert pair.scan(pair.cached) == pair.scan(Measurer())
+    monkeypatch.undo()
+    assert pair.cached.walks == count and pair.cached.known == count
+    assert pair.cached.watches == count * DIRECTORIES_PER_GENERATION
+    warned = " ".join(record.getMessage() for record in caplog.records)
+    if interpreter == "/bin/false":
+        assert pair.cached.helpers_started == 2 and "ended with status 1 and no answer" in warned
+    else:
+        assert pair.cached.helpers == 0 and "cannot start a helper process" in warned
+    assert str(store.mountpoint) not in warned
+    assert pair.walks_for() == 0
+
+
+@pytest.mark.parametrize("watch_limit", [None])
+def test_helpers_open_only_directories(store, watch_limit, scratch):
+    """Traced with strace(1) -f: the helper processes really walk (they list generation directories) and, like
+    the exporter, open nothing below the mount point but directories."""
+    from tools import require_tool
+
+    strace = require_tool("strace", "strace")
+    many_generations(store)
+    trace = scratch / "trace"
+    script = (
+        "import sys; from exporter import mountinfo; from exporter.cache import CachingMeasurer; "
+        "from exporter.config import StoreConfig; from exporter.store import scan_store; "
+        "measurer = CachingMeasurer(settle_ns=0, helpers=2); "
+        "scan = scan_store(StoreConfig(mountpoint=sys.argv[1], symlink=sys.argv[2]), 0, mountinfo.read(), measurer); "
+        "assert measurer.helpers_started == 2 and len(scan.generations) == int(sys.argv[3])"
+    )
+    traced = "trace=open,openat,openat2,creat,execve"
+    arguments = [str(store.mountpoint), str(store.symlink), str(PARALLEL_FROM + 40)]
+    command = [strace, "-f", "-qq", "-s", "4096", "-e", traced, "-o", str(trace), sys.executable, "-c", script, *arguments]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    if result.returncode != 0 and "ptrace" in result.stderr:
+        pytest.skip(f"strace cannot trace here: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stderr
+    lines = trace.read_text().splitlines()
+    helpers = {line.split()[0] for line in lines if "execve(" in line and '"-I", "-S", "-c"' in line}
+    assert len(helpers) == 2, "the trace shows no helper process started"
+    below = re.escape(str(store.mountpoint)) + r'(?:/[^"]*)?'
+    inside = re.compile(r'open(?:at2?)?\((?:[^,]+, )?"(' + below + r')", ([^,)]+)')
+    opened = [(line.split()[0], *m.groups()) for line in lines if (m := inside.search(line))]
+    assert {pid for pid, _, _ in opened} >= helpers, "each helper lists generation directories"
+    assert [(path, flags) for _, path, flags in opened if "O_DIRECTORY" not in flags] == []

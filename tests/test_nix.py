@@ -27,12 +27,14 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving import free_port
-from conftest import write_config
 from exporter import __version__
+from exporter.cache import PARALLEL_FROM
 from exporter.cli import parse_args
 from exporter.config import parse_config
 from exporter.web import parse_listen_address
+
+from conftest import write_config
+from serving import free_port
 from sopsnix import SAMPLE_SECRETS
 from tools import require_tool
 
@@ -635,8 +637,9 @@ try:
             assert time.monotonic() < deadline, f"microvm-virtiofsd@{vm} did not pin"
             time.sleep(0.1)
     result["before"] = scrape()
-    # A store mounted after the service started must show up inside its mount namespace.
-    stores.make("/run/secrets-for-users.d", "/run/secrets-for-users", switches=1)
+    # A store mounted after the service started must show up inside its mount namespace. It has enough
+    # generations for the first scan to be shared with helper processes, which need the capability too.
+    stores.make("/run/secrets-for-users.d", "/run/secrets-for-users", switches=USERS_GENERATIONS)
     result["after"] = scrape()
     pid = run("systemctl", "show", "--property=MainPID", "--value", "sops-nix-exporter.service").strip()
     result["status"] = Path(f"/proc/{pid}/status").read_text()
@@ -757,6 +760,7 @@ def test_documented_unit_runs_the_exporter_under_systemd(require_root, scratch):
     results = scratch / "results"
     results.mkdir()
     for name, script in (("stores", CONTAINER_STORES), ("pin", CONTAINER_PIN), ("check", CONTAINER_CHECK)):
+        script = script.replace("USERS_GENERATIONS", str(PARALLEL_FROM + 10))
         (results / f"{name}.py").write_text(script.replace("TESTS", repr(str(ROOT / "tests"))))
     console = scratch / "console.log"
     command = [
@@ -778,7 +782,9 @@ def test_documented_unit_runs_the_exporter_under_systemd(require_root, scratch):
     if not (results / "result.json").exists():
         if "Reached target" not in log:
             pytest.skip(f"systemd-nspawn cannot boot a container on this machine: {log.strip()[-800:]}")
-        outputs = "".join(f"\n--- {p.name}:\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(results.glob("*.log")))
+        outputs = "".join(
+            f"\n--- {path.name}:\n{path.read_text(errors='replace')[-3000:]}" for path in sorted(results.glob("*.log"))
+        )
         raise AssertionError(f"the container booted but the check did not finish:\n{log[-4000:]}{outputs}")
 
     result = json.loads((results / "result.json").read_text())
@@ -805,7 +811,13 @@ def test_documented_unit_runs_the_exporter_under_systemd(require_root, scratch):
     users = {"mountpoint": "/run/secrets-for-users.d"}
     assert value(before, "sopsnix_store_up", **users) == 0
     assert value(after, "sopsnix_store_up", **users) == 1
-    assert value(after, "sopsnix_current_generation", **users) == 1
+    assert value(after, "sopsnix_current_generation", **users) == PARALLEL_FROM + 10
+    # Every generation walked whole, by the exporter or a helper: the subdirectories closed to `keys` too.
+    assert not [v for (name, labels), v in after.items() if name == "sopsnix_store_scan_errors" and v], result["after"]
+    assert value(after, "sopsnix_generations_bytes", **users) == (PARALLEL_FROM + 10) * value(
+        after, "sopsnix_current_generation_bytes", **users
+    )
+    assert "helper" not in result["journal"], result["journal"]
 
     status = dict(line.split(":\t", 1) for line in result["status"].splitlines() if ":\t" in line)
     assert status["Uid"].split() == [str(uid)] * 4
