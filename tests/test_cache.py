@@ -494,8 +494,8 @@ def test_helpers_open_only_directories(store, watch_limit, scratch):
         "assert measurer.helpers_started == 2 and len(scan.generations) == int(sys.argv[3])"
     )
     traced = "trace=open,openat,openat2,creat,execve"
-    arguments = [str(store.mountpoint), str(store.symlink), str(PARALLEL_FROM + 40)]
-    command = [strace, "-f", "-qq", "-s", "4096", "-e", traced, "-o", str(trace), sys.executable, "-c", script, *arguments]
+    command = [strace, "-f", "-qq", "-s", "4096", "-e", traced, "-o", str(trace), sys.executable, "-c", script]
+    command += [str(store.mountpoint), str(store.symlink), str(PARALLEL_FROM + 40)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     if result.returncode != 0 and "ptrace" in result.stderr:
         pytest.skip(f"strace cannot trace here: {result.stderr.strip()}")
