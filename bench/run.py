@@ -474,6 +474,7 @@ class Bench:
         timings = interleaved({
             "du": lambda: du(store.mountpoint),
             "cold": lambda: scan_stores(config, CachingMeasurer()),
+            "cold, one process": lambda: scan_stores(config, CachingMeasurer(helpers=0)),
             "uncached": lambda: scan_stores(config, Measurer()),
             "warm": lambda: scan_stores(config, self.measurer),
         }, self.repeat)  # fmt: skip
@@ -491,9 +492,13 @@ class Bench:
             ">= 20x faster than du",
             du_.best / warm.best >= 20,
         ))  # fmt: skip
+        helpers = CachingMeasurer(watch_limit=0).helpers
+        alone = timings["cold, one process"]
         self.report.add(Figure(
             "Cold scrape, store part (first after start: every file walked once)",
-            f"{cold}; without the cache (plain Measurer, as before issue 7): {timings['uncached']}",
+            f"{cold}, the exporter and {helpers} helper process(es) (cpu: all of them); "
+            f"in one process: {alone} ({alone.best / du_.best:.2f}x du); "
+            f"plain Measurer (no cache, no watches): {timings['uncached']}",
             f"du -s -B1: {du_}",
             f"cold / du = {cold.best / du_.best:.2f} (cpu {cold.cpu_best / du_.cpu_best:.2f})",
             "<= 2x du",

@@ -737,7 +737,8 @@ def test_documented_unit_runs_the_exporter_under_systemd(require_root, scratch):
     """Debian's systemd boots in a container (systemd-nspawn over this host's /usr, with a private network
     that has only loopback) and starts the documented unit as written. The exporter runs as its own user
     with its two capabilities under every sandboxing setting, and still reads the store, the subdirectories
-    closed to `keys`, virtiofsd processes of all three sandbox modes, and a store mounted after it started."""
+    closed to `keys`, virtiofsd processes of all three sandbox modes, and a store mounted after it started,
+    whose first scan it shares with helper processes (they need the capability too)."""
     nspawn = require_tool("systemd-nspawn", "systemd-container")
     from pinning import PinnerUnavailable, pinner_binary
 
