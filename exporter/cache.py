@@ -425,7 +425,6 @@ class CachingMeasurer(Measurer):
             watches if inotify_fd >= 0 else 0,
             f"the watch limit of {self.watch_limit} is reached",
         ))  # fmt: skip
-        process = None
         try:
             if not sys.executable:
                 raise OSError(errno.ENOENT, "the interpreter's path is unknown (sys.executable is empty)")
@@ -436,19 +435,18 @@ class CachingMeasurer(Measurer):
                 stderr=subprocess.DEVNULL,
                 pass_fds=(inotify_fd,) if inotify_fd >= 0 else (),
             )
-            process.stdin.write(request)
-            process.stdin.close()
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
-            if process is not None:
-                process.kill()
-                process.wait()
-                process.stdout.close()
             self.helpers = 0
             log.warning(
                 "first scans walk every generation in the exporter's own process: cannot start a helper process "
                 "(%s: %s)", type(exc).__name__, exc.strerror if isinstance(exc, OSError) else exc,
             )  # fmt: skip
             return False
+        try:
+            process.stdin.write(request)
+            process.stdin.close()
+        except OSError:
+            pass  # it ended before reading its request: collecting it says so, and the exporter walks its share
         self.helpers_started += 1
         helper = _Helper(process, [path for path, _ in chunk], watches if inotify_fd >= 0 else 0)
         self._reserved += helper.reserved_watches

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import marshal
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -193,6 +194,9 @@ def serve_helper() -> None:
     itself.
     """
     try:
+        # The exporter blocks SIGTERM and SIGINT in its threads, and a new process inherits the mask: a helper
+        # must still end with the service when systemd stops it.
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
         group, generations, inotify_fd, mask, watch_cap, limit_reason = marshal.load(sys.stdin.buffer)
         place_watch = _inotify_watcher(inotify_fd, mask) if inotify_fd >= 0 and watch_cap > 0 else None
         results = []

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -508,3 +509,38 @@ def test_helpers_open_only_directories(store, watch_limit, scratch):
     opened = [(line.split()[0], *m.groups()) for line in lines if (m := inside.search(line))]
     assert {pid for pid, _, _ in opened} >= helpers, "each helper lists generation directories"
     assert [(path, flags) for _, path, flags in opened if "O_DIRECTORY" not in flags] == []
+
+
+@pytest.mark.parametrize("watch_limit", [None])
+def test_a_helper_does_not_inherit_blocked_signals(watch_limit):
+    """The exporter blocks SIGTERM and SIGINT in every thread (exporter/cli.py) and a child inherits the mask:
+    a helper unblocks them first thing, so that stopping the service ends it too. It then waits for its
+    request, which is when its mask is read here."""
+    from exporter import walker
+
+    blocked = {signal.SIGTERM, signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        helper = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", walker.HELPER_CODE, str(ROOT)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            status = Path(f"/proc/{helper.pid}/status").read_text()
+            mask = int(re.search(r"^SigBlk:\s+([0-9a-f]+)$", status, re.MULTILINE).group(1), 16)
+            if mask == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert mask == 0, f"the helper still blocks signals {mask:#x}"
+        helper.terminate()
+        assert helper.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        if helper.poll() is None:
+            helper.kill()
+            helper.wait()
+        helper.stdin.close()
+        helper.stdout.close()
