@@ -117,13 +117,14 @@ def test_warm_scan_equals_fresh_and_find(store):
     assert pair.cached.hits >= 5
 
 
-def test_walk_equals_measure(store):
+def test_walk_equals_find(store):
     store.write_generation(1, secrets_for(1))
     path = str(store.generation_path(1))
     device = os.lstat(path).st_dev
     errors: dict[str, int] = {}
     usage, relatives, signature = walk(path, device, errors)
-    assert usage == measure(path, device, {}) and not errors
+    assert (usage.files, usage.bytes, usage.apparent_bytes) == du_figures(store.generation_path(1)) and not errors
+    assert usage.complete and usage == measure(path, device, {})
     assert sorted(relatives) == ["rendered", "rendered/nested", "tls"]
     assert len(signature) == 4 * (1 + len(relatives))
 
