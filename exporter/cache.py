@@ -53,25 +53,12 @@ import struct
 import subprocess
 import sys
 import weakref
-from collections.abc import Callable
 
 from exporter import walker
 from exporter.store import GenerationVanished, Measurer, Usage
 
 # A directory changed this recently may still be being written to: walk it again rather than remember it.
 SETTLE_NS = 2_000_000_000
-
-# (st_dev, st_ino, st_mtime_ns, st_ctime_ns) of each directory, flattened, in the order of its paths.
-Signature = tuple[int, ...]
-
-
-def walk(
-    path: str, device: int, errors: dict[str, int], opening: Callable[[str], None] | None = None
-) -> tuple[Usage, list[str], Signature]:
-    """exporter.walker.walk, its sums as a Usage: (usage, relative paths of the directories, signature)."""
-    files, blocks, size, complete, relatives, signature = walker.walk(path, device, errors, opening)
-    return Usage(files=files, bytes=blocks * 512, apparent_bytes=size, complete=complete), relatives, signature
-
 
 # One directory's identity, packed: thousands of generations are remembered, each in one small bytes object
 # rather than a tuple of eight integers.
@@ -235,6 +222,11 @@ class CachingMeasurer(Measurer):
         self.hits = 0
 
     @property
+    def _limit_reached(self) -> str:
+        """Why a walk stops placing watches when the budget runs out (logged once, at debug level)."""
+        return f"the watch limit of {self.watch_limit} is reached"
+
+    @property
     def known(self) -> int:
         """Generations currently remembered."""
         return sum(len(group) for group in self._groups.values())
@@ -351,13 +343,13 @@ class CachingMeasurer(Measurer):
                 device,
                 self._inotify.watch if watching else None,
                 self.watch_limit - len(self._watched) - self._reserved,
-                f"the watch limit of {self.watch_limit} is reached",
+                self._limit_reached,
             )
         status, started_ns, files, blocks, size, complete, found, relatives, signature, added, stopped = result
         if status == walker.VANISHED:
             self._discard(added, keep=())
             raise GenerationVanished(path)
-        usage = Usage(files=files, bytes=blocks * 512, apparent_bytes=size, complete=complete)
+        usage = Usage.of_walk(files, blocks, size, complete)
         for reason, count in found.items():
             errors[reason] = errors.get(reason, 0) + count
         key = (signature[0], signature[1]) if len(signature) >= 2 else None
@@ -401,11 +393,7 @@ class CachingMeasurer(Measurer):
             self._drain()
         group_name = listed[0][0].rpartition("/")[0]
         group = self._groups.get(group_name, {})
-        unknown = [
-            (path, st)
-            for path, st in listed
-            if (st.st_dev, st.st_ino) not in group and path.rpartition("/")[0] == group_name
-        ]
+        unknown = [(path, st) for path, st in listed if (st.st_dev, st.st_ino) not in group]  # all in one store
         if len(unknown) < PARALLEL_FROM:
             return
         share = -(-len(unknown) // (self.helpers + 1))
@@ -417,13 +405,15 @@ class CachingMeasurer(Measurer):
 
     def _start_helper(self, group_name: str, chunk: list[tuple[str, os.stat_result]], watches: int) -> bool:
         inotify_fd = self._inotify.fd if self._inotify is not None and watches > 0 else -1
+        if inotify_fd < 0:
+            watches = 0
         request = marshal.dumps((
             group_name,
             [(path.rpartition("/")[2], st.st_dev) for path, st in chunk],
             inotify_fd,
             _WATCH_MASK,
-            watches if inotify_fd >= 0 else 0,
-            f"the watch limit of {self.watch_limit} is reached",
+            watches,
+            self._limit_reached,
         ))  # fmt: skip
         try:
             if not sys.executable:
@@ -448,7 +438,7 @@ class CachingMeasurer(Measurer):
         except OSError:
             pass  # it ended before reading its request: collecting it says so, and the exporter walks its share
         self.helpers_started += 1
-        helper = _Helper(process, [path for path, _ in chunk], watches if inotify_fd >= 0 else 0)
+        helper = _Helper(process, [path for path, _ in chunk], watches)
         self._reserved += helper.reserved_watches
         for path in helper.paths:
             self._helper_of[path] = helper

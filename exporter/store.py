@@ -42,6 +42,11 @@ class Usage:
             self.complete and other.complete,
         )
 
+    @classmethod
+    def of_walk(cls, files: int, blocks: int, size: int, complete: bool) -> Usage:
+        """The usage a walk found (exporter.walker: st_blocks and st_size summed)."""
+        return cls(files=files, bytes=blocks * 512, apparent_bytes=size, complete=complete)
+
 
 @dataclass(frozen=True, slots=True)
 class Generation:
@@ -119,7 +124,7 @@ def measure(path: str, device: int, errors: dict[str, int]) -> Usage:
     with the reason counted in errors.
     """
     files, blocks, size, complete, _, _ = walk(path, device, errors)
-    return Usage(files=files, bytes=blocks * 512, apparent_bytes=size, complete=complete)
+    return Usage.of_walk(files, blocks, size, complete)
 
 
 def _resolve_symlink(scan: StoreScan) -> None:
@@ -389,5 +394,3 @@ def _catch_up_with_switch(scan: StoreScan, measurer: Measurer) -> None:
     scan.current = Generation(number=number, device=listed.st_dev, inode=listed.st_ino, usage=usage)
     scan.generations = sorted([*still_there, scan.current], key=lambda g: g.number)
     scan.symlink_state = SymlinkState.OK
-
-

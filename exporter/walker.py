@@ -164,9 +164,8 @@ def walk_for_exporter(
         )
     except GenerationVanished:
         return VANISHED, started_ns, 0, 0, 0, False, errors, [], (), added, None
-    return WALKED, started_ns, files, blocks, size, complete, errors, relatives, signature, added, (
-        stopped[0] if stopped else None
-    )
+    why_stopped = stopped[0] if stopped else None
+    return WALKED, started_ns, files, blocks, size, complete, errors, relatives, signature, added, why_stopped
 
 
 def _inotify_watcher(fd: int, mask: int) -> Callable[[str], int]:

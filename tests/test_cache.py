@@ -28,11 +28,12 @@ from pathlib import Path
 import pytest
 
 from exporter import app, mountinfo
-from exporter.cache import PARALLEL_FROM, SETTLE_NS, CachingMeasurer, walk
+from exporter.cache import PARALLEL_FROM, SETTLE_NS, CachingMeasurer
 from exporter.collectors import StoresCollector
 from exporter.config import Config, StoreConfig
 from exporter.framework import Exporter
-from exporter.store import Measurer, StoreScan, measure, scan_store
+from exporter.store import Measurer, StoreScan, Usage, measure, scan_store
+from exporter.walker import walk
 
 from sopsnix import SopsStore, du_figures, mount, umount
 
@@ -69,12 +70,14 @@ class Pair:
 
     watch_limit: int | None = None
 
-    def __init__(self, store: SopsStore, keep_generations: int | None = 0) -> None:
+    def __init__(self, store: SopsStore, keep_generations: int | None = 0, helpers: int | None = None) -> None:
         self.store = store
         self.config = StoreConfig(
             mountpoint=str(store.mountpoint), symlink=str(store.symlink), keep_generations=keep_generations
         )
-        self.cached = CachingMeasurer(settle_ns=int(SETTLE_SECONDS * 1e9), watch_limit=self.watch_limit)
+        self.cached = CachingMeasurer(
+            settle_ns=int(SETTLE_SECONDS * 1e9), watch_limit=self.watch_limit, helpers=helpers
+        )
 
     def scan(self, measurer: Measurer) -> StoreScan:
         return scan_store(self.config, 0, mountinfo.read(), measurer)
@@ -122,7 +125,8 @@ def test_walk_equals_find(store):
     path = str(store.generation_path(1))
     device = os.lstat(path).st_dev
     errors: dict[str, int] = {}
-    usage, relatives, signature = walk(path, device, errors)
+    files, blocks, size, complete, relatives, signature = walk(path, device, errors)
+    usage = Usage.of_walk(files, blocks, size, complete)
     assert (usage.files, usage.bytes, usage.apparent_bytes) == du_figures(store.generation_path(1)) and not errors
     assert usage.complete and usage == measure(path, device, {})
     assert sorted(relatives) == ["rendered", "rendered/nested", "tls"]
@@ -423,9 +427,7 @@ def many_generations(store: SopsStore, count: int = PARALLEL_FROM + 40) -> None:
 def with_helpers(store: SopsStore, helpers: int = 2) -> Pair:
     """A Pair whose measurer may start helpers, on a store with enough generations for them to start."""
     many_generations(store)
-    pair = Pair(store)
-    pair.cached.close()
-    pair.cached = CachingMeasurer(settle_ns=int(SETTLE_SECONDS * 1e9), watch_limit=Pair.watch_limit, helpers=helpers)
+    pair = Pair(store, helpers=helpers)
     settle()
     return pair
 
