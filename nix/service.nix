@@ -7,11 +7,14 @@
 # the two equal.
 let
   # The only privileges the exporter keeps beyond those of its own user and the `keys` group:
-  # - CAP_SYS_PTRACE: virtiofsd runs as root, and the kernel lets another user read a process's
-  #   /proc/PID/root, /proc/PID/fd and /proc/PID/mountinfo only after a ptrace access check. The
-  #   exporter only reads these files; the ptrace() system call itself stays blocked by the filter.
-  # - CAP_DAC_READ_SEARCH: to list generation directories and walk into the subdirectories of
-  #   secrets whose modes shut out the `keys` group. Files are lstat'ed, never opened.
+  # - CAP_SYS_PTRACE: virtiofsd runs as root, and the kernel lets another user follow a process's
+  #   /proc/PID/root and list its /proc/PID/fd only after a ptrace access check. (/proc/PID/mountinfo,
+  #   which shows what a namespace-sandboxed virtiofsd serves, is readable without it.) The exporter
+  #   only reads these files; the ptrace() system call itself stays blocked by the filter.
+  # - CAP_DAC_READ_SEARCH: to list /run/secrets-for-users.d and its generations, which sops-nix
+  #   writes root:root, 0751 (sops-install-secrets -ignore-passwd, run before the users and groups
+  #   exist), and to walk into the subdirectories of secrets whose modes shut out the `keys` group.
+  #   Files are lstat'ed, never opened.
   capabilities = [
     "CAP_DAC_READ_SEARCH"
     "CAP_SYS_PTRACE"
@@ -28,7 +31,7 @@ let
     # installed, not only while the service runs.
     User = user;
     Group = user;
-    # `keys` may enter /run/secrets.d and /run/secrets-for-users.d; granted to this service only.
+    # `keys` may list /run/secrets.d and its generations (root:keys, 0751); granted to this service only.
     SupplementaryGroups = "keys";
 
     AmbientCapabilities = builtins.concatStringsSep " " capabilities;
