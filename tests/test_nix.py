@@ -6,8 +6,10 @@ the Nix files take from the repository (nix/repo.nix). Their results go through 
 validator and argument parser, and the documented unit is compared with the settings Nix sets. Debian's
 systemd verifies and rates that unit, then boots in a container and runs it as written against a real
 store and real pinning processes; strace shows the real exporter staying inside its system-call filter.
-The module under the NixOS module system, the package build and the NixOS VM test need nixpkgs: `nix flake
-check` runs them where it can be fetched (docs/deployment.md, "What is checked, and where").
+nix/module.nix is evaluated by nixpkgs' real lib.evalModules beside the real sops-nix and microvm.nix host
+modules (tests/nixsources.py finds them). The module in a whole NixOS system, the package build and the
+NixOS VM test need nixpkgs itself: `nix flake check` runs them where it can be fetched (docs/deployment.md,
+"What is checked, and where").
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from exporter.config import parse_config
 from exporter.web import parse_listen_address
 
 from conftest import write_config
+from nixsources import NixSourceMissing, nix_source
 from serving import free_port
 from sopsnix import SAMPLE_SECRETS
 from tools import require_tool
@@ -276,36 +279,39 @@ def test_configuration_document_is_accepted_by_the_exporter():
         assert config.microvm.state_dir == "/srv/microvms"
 
 
-# --- the module under the real module system, where nixpkgs' lib/ is at hand ----------------------------
+# --- the module under the real module system ---------------------------------------------------------------
 
-# nixpkgs' lib/ alone (nixpkgs itself, or the nix-community/nixpkgs.lib mirror); sops-nix's and microvm.nix's
-# sources are optional. None is fetched by the tests: point these at checkouts to run what follows.
-MODULE_EVAL_SOURCES = {"lib": "SOPSNIX_NIXPKGS_LIB", "sops-nix": "SOPSNIX_SOPS_NIX", "microvm": "SOPSNIX_MICROVM_NIX"}
-
-
-NO_LIB = f"set {MODULE_EVAL_SOURCES['lib']} to nixpkgs' lib/ to evaluate the module in the real module system"
+# nixpkgs' lib/, sops-nix and microvm.nix come from their variables or from shared/nix-sources/ beside the
+# checkout (tests/nixsources.py); without either, these tests skip with the reason.
 
 
-def module_source(name: str) -> str | None:
-    path = os.environ.get(MODULE_EVAL_SOURCES[name])
-    if path and name == "lib" and (Path(path) / "lib" / "default.nix").exists():
-        path = str(Path(path) / "lib")
-    return path if path and Path(path).exists() else None
+def module_eval_expression(configuration: str, with_sources: tuple[str, ...] = (), attribute: str = "") -> str:
+    """nix/module-eval.nix: the module in lib.evalModules; see that file for what is real there and what not."""
+    try:
+        paths = {name: nix_source(name) for name in ("lib", *with_sources)}
+    except NixSourceMissing as exc:
+        pytest.skip(str(exc))
+    sources = "".join(f" {name} = {nix_string(str(paths[name]))};" for name in with_sources)
+    return (f"(import ./nix/module-eval.nix {{ lib = import {nix_string(str(paths['lib']))};{sources} "
+            f"configuration = {{ {configuration} }}; }}){attribute}")  # fmt: skip
 
 
 def eval_module(configuration: str, with_sources: tuple[str, ...] = ()) -> dict:
-    """nix/module-eval.nix: the module in lib.evalModules; see that file for what is real there and what not."""
-    lib = module_source("lib")
-    if lib is None:
-        pytest.skip(NO_LIB)
-    sources = ""
-    for name in with_sources:
-        path = module_source(name)
-        if path is None:
-            pytest.skip(f"set {MODULE_EVAL_SOURCES[name]} to a checkout of {name}")
-        sources += f" {name} = {nix_string(path)};"
-    return nix_eval(f"import ./nix/module-eval.nix {{ lib = import {nix_string(lib)};{sources} "
-                    f"configuration = {{ {configuration} }}; }}")  # fmt: skip
+    return nix_eval(module_eval_expression(configuration, with_sources))
+
+
+def module_refused(configuration: str, with_sources: tuple[str, ...] = (), attribute: str = "") -> str:
+    """The error of an evaluation that must fail."""
+    result = subprocess.run(
+        [require_tool("nix-instantiate", "nix-bin"), *NO_STORE, "--eval", "--strict", "--json", "-E",
+         module_eval_expression(configuration, with_sources, attribute)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "NIX_PATH": ""},
+    )  # fmt: skip
+    assert result.returncode != 0, f"the evaluation succeeded:\n{result.stdout}"
+    return result.stderr
+
+
+BOTH_MODULES = ("sops-nix", "microvm")
 
 
 def exec_argv(exec_start: str) -> list[str]:
@@ -341,7 +347,7 @@ def test_module_reads_sops_nix_and_microvm_nix(needed_for_users):
         "services.sops-nix-exporter.enable = true; sops.keepGenerations = 3; sops.useSystemdActivation = true;"
         f" sops.secrets.db = {{ }}; sops.secrets.pw.neededForUsers = {str(needed_for_users).lower()};"
         ' microvm.stateDir = "/srv/vms";',
-        with_sources=("sops-nix", "microvm"),
+        with_sources=BOTH_MODULES,
     )
     config = parse_config(result["document"], source="the module's document")
     expected = [("/run/secrets.d", 3)] + ([("/run/secrets-for-users.d", 3)] if needed_for_users else [])
@@ -377,19 +383,8 @@ def test_module_options_reach_the_command_line_and_the_document():
      ('microvmStateDir = "microvms";', "microvmStateDir")],
 )  # fmt: skip
 def test_module_refuses_what_the_exporter_would_refuse(setting, option):
-    lib = module_source("lib")
-    if lib is None:
-        pytest.skip(NO_LIB)
-    configuration = f"services.sops-nix-exporter = {{ enable = true; {setting} }};"
-    expression = (
-        f"import ./nix/module-eval.nix {{ lib = import {nix_string(lib)}; configuration = {{ {configuration} }}; }}"
-    )
-    result = subprocess.run(
-        [require_tool("nix-instantiate", "nix-bin"), *NO_STORE, "--eval", "--strict", "--json", "-E", expression],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode != 0
-    assert option in result.stderr and "services.sops-nix-exporter" in result.stderr, result.stderr
+    error = module_refused(f"services.sops-nix-exporter = {{ enable = true; {setting} }};")
+    assert option in error and "services.sops-nix-exporter" in error, error
 
 
 # --- what the Nix files take from the repository ---------------------------------------------------------
