@@ -312,6 +312,8 @@ def module_refused(configuration: str, with_sources: tuple[str, ...] = (), attri
 
 
 BOTH_MODULES = ("sops-nix", "microvm")
+# sops-nix refuses secrets without a key source (an assertion); the key is never read here.
+SOPS_KEY = 'sops.age.keyFile = "/var/lib/sops-nix/key.txt";'
 
 
 def exec_argv(exec_start: str) -> list[str]:
@@ -345,6 +347,7 @@ def test_module_disabled_sets_nothing():
 def test_module_reads_sops_nix_and_microvm_nix(needed_for_users):
     result = eval_module(
         "services.sops-nix-exporter.enable = true; sops.keepGenerations = 3; sops.useSystemdActivation = true;"
+        f" {SOPS_KEY}"
         f" sops.secrets.db = {{ }}; sops.secrets.pw.neededForUsers = {str(needed_for_users).lower()};"
         ' microvm.stateDir = "/srv/vms";',
         with_sources=BOTH_MODULES,
@@ -355,6 +358,34 @@ def test_module_reads_sops_nix_and_microvm_nix(needed_for_users):
     assert config.microvm.state_dir == "/srv/vms"
     assert "sops-install-secrets.service" in result["service"]["after"]
     assert "sops-install-secrets.service" in result["service"]["wants"]
+
+
+def test_evaluation_refuses_a_failed_assertion():
+    """As NixOS does; the configurations above pass sops-nix's assertions, not merely its option types."""
+    error = module_refused(
+        f"services.sops-nix-exporter.enable = true; {SOPS_KEY} systemd.sysusers.enable = true;"
+        " users.mutableUsers = false; sops.secrets.pw.neededForUsers = true;",
+        with_sources=BOTH_MODULES,
+    )
+    assert "Failed assertions" in error and "users.mutableUsers" in error, error
+
+
+@pytest.mark.parametrize("with_sources", [(), BOTH_MODULES], ids=["alone", "with sops-nix and microvm.nix"])
+@pytest.mark.parametrize(
+    "definition,option",
+    [("services.sops-nix-exporter.enabel = true;", "services.sops-nix-exporter.enabel"),
+     ("services.sops-nix-exporter = { enable = true; listenAdress = \"127.0.0.1\"; };",
+      "services.sops-nix-exporter.listenAdress")],
+)  # fmt: skip
+def test_misspelt_option_is_refused(with_sources, definition, option):
+    error = module_refused(definition, with_sources)
+    assert f"The option `{option}' does not exist" in error, error
+
+
+def test_misspelt_option_of_sops_nix_is_refused_too():
+    """_module.check is on for the whole evaluation, not only below services.sops-nix-exporter."""
+    error = module_refused("services.sops-nix-exporter.enable = true; sops.keepGeneration = 2;", BOTH_MODULES)
+    assert "The option `sops.keepGeneration' does not exist" in error, error
 
 
 def test_module_options_reach_the_command_line_and_the_document():
