@@ -6,7 +6,8 @@
 #
 # What is not real here, and therefore not checked: the NixOS options that module.nix, sops-nix and
 # microvm.nix read or set are declared loosely below instead of by NixOS's modules; pkgs is reduced to
-# formats.yaml (the YAML type without its generator: the document is returned as a value) and the
+# formats.yaml (the YAML type without its generator: the document is returned as a value, and its path
+# depends on it as a real store path does, so the unit cannot be had without the document) and the
 # package is a placeholder. What is checked as NixOS checks it: _module.check stays on, so a definition
 # of an option nobody declares (a misspelt one) fails the evaluation, and so do failed assertions.
 # `nix flake check` evaluates the module in a whole NixOS system instead.
@@ -34,10 +35,15 @@ let
   pkgs = {
     formats.yaml = { }: {
       type = valueType;
-      generate = name: value: {
-        outPath = "/nix/store/00000000000000000000000000000000-${name}";
-        inherit value;
-      };
+      generate =
+        name: value:
+        let
+          hash = builtins.substring 0 32 (builtins.hashString "sha256" (builtins.toJSON value));
+        in
+        {
+          outPath = "/nix/store/${hash}-${name}";
+          inherit value;
+        };
     };
   };
 

@@ -100,11 +100,11 @@ in
     settings = mkOption {
       default = { };
       description = ''
-        The exporter's configuration, written to a YAML file (see docs/deployment.md). Keys the
-        module does not declare are passed through, for options of newer exporter versions.
+        The exporter's configuration, written to a YAML file (see docs/deployment.md). Every key
+        the exporter reads is declared here, and only those: an unknown key is refused when the
+        configuration is evaluated, as the exporter would refuse it when the service starts.
       '';
       type = types.submodule {
-        freeformType = format.type;
         options = {
           stores = mkOption {
             type = types.listOf (types.submodule storeOptions);

@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter import __version__
 from exporter.cache import PARALLEL_FROM
 from exporter.cli import parse_args
-from exporter.config import parse_config
+from exporter.config import ConfigError, parse_config
 from exporter.web import parse_listen_address
 
 from conftest import write_config
@@ -386,6 +386,23 @@ def test_misspelt_option_of_sops_nix_is_refused_too():
     """_module.check is on for the whole evaluation, not only below services.sops-nix-exporter."""
     error = module_refused("services.sops-nix-exporter.enable = true; sops.keepGeneration = 2;", BOTH_MODULES)
     assert "The option `sops.keepGeneration' does not exist" in error, error
+
+
+@pytest.mark.parametrize(
+    "setting,document,option",
+    [("settings.memory_budget = 1024;", {"memory_budget": 1024}, "settings.memory_budget"),
+     ('settings.microvm.stateDir = "/srv/vms";', {"microvm": {"stateDir": "/srv/vms"}}, "settings.microvm.stateDir"),
+     ('settings.stores = [ { mountpoint = "/a.d"; symlink = "/a"; keep = 1; } ];',
+      {"stores": [{"mountpoint": "/a.d", "symlink": "/a", "keep": 1}]}, "keep")],
+)  # fmt: skip
+def test_unknown_settings_key_is_refused_when_the_unit_is_evaluated(setting, document, option):
+    """What the exporter would refuse at start (oracle: its own validator) the unit cannot even be evaluated with."""
+    with pytest.raises(ConfigError, match="unknown key"):
+        parse_config(document, source="the same key in a file")
+    error = module_refused(
+        f"services.sops-nix-exporter = {{ enable = true; {setting} }};", attribute=".service.serviceConfig.ExecStart"
+    )
+    assert "does not exist" in error and option in error and "services.sops-nix-exporter.settings" in error, error
 
 
 def test_module_options_reach_the_command_line_and_the_document():
