@@ -123,6 +123,8 @@ if failedAssertions != [ ] then
 else
   {
     inherit service;
+    # Every unit defined on this host, by module.nix, sops-nix and microvm.nix alike.
+    units = builtins.attrNames config.systemd.services;
     users = lib.filterAttrs (name: _: name == "sops-nix-exporter") config.users.users;
     groups = lib.filterAttrs (name: _: name == "sops-nix-exporter") config.users.groups;
     firewall = config.networking.firewall.allowedTCPPorts;

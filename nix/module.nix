@@ -23,8 +23,13 @@ let
   sopsImported = options ? sops;
   microvmHostImported = options ? microvm && options.microvm ? stateDir;
 
-  # With sops-nix's systemd activation these units install the secrets at boot; without it an
-  # activation script does, before any service starts, and there is nothing to order after.
+  # The units that install the secrets, on the hosts where sops-nix defines them (modules/sops):
+  # sops-install-secrets.service when a secret is not neededForUsers and sops.useSystemdActivation is on
+  # (its default with systemd-sysusers or userborn); sops-install-secrets-for-users.service when a secret
+  # is neededForUsers and systemd-sysusers or userborn manage the users, whatever useSystemdActivation
+  # says. Otherwise an activation script installs those secrets before any service starts, there is no
+  # unit to order after, and none is named. Asking config.systemd.services instead of repeating sops-nix's
+  # conditions keeps this right when they change.
   secretsUnits = lib.optionals sopsImported (
     lib.filter (name: config.systemd.services ? ${name}) [
       "sops-install-secrets"

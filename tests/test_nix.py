@@ -346,8 +346,7 @@ def test_module_disabled_sets_nothing():
 @pytest.mark.parametrize("needed_for_users", [False, True])
 def test_module_reads_sops_nix_and_microvm_nix(needed_for_users):
     result = eval_module(
-        "services.sops-nix-exporter.enable = true; sops.keepGenerations = 3; sops.useSystemdActivation = true;"
-        f" {SOPS_KEY}"
+        f"services.sops-nix-exporter.enable = true; sops.keepGenerations = 3; {SOPS_KEY}"
         f" sops.secrets.db = {{ }}; sops.secrets.pw.neededForUsers = {str(needed_for_users).lower()};"
         ' microvm.stateDir = "/srv/vms";',
         with_sources=BOTH_MODULES,
@@ -356,8 +355,51 @@ def test_module_reads_sops_nix_and_microvm_nix(needed_for_users):
     expected = [("/run/secrets.d", 3)] + ([("/run/secrets-for-users.d", 3)] if needed_for_users else [])
     assert [(s.mountpoint, s.keep_generations) for s in config.stores] == expected
     assert config.microvm.state_dir == "/srv/vms"
-    assert "sops-install-secrets.service" in result["service"]["after"]
-    assert "sops-install-secrets.service" in result["service"]["wants"]
+
+
+# When sops-nix installs secrets with a unit rather than an activation script (modules/sops/default.nix and
+# secrets-for-users/default.nix): sops-install-secrets for secrets not neededForUsers when
+# sops.useSystemdActivation is on, which systemd-sysusers or userborn turn on by default;
+# sops-install-secrets-for-users for secrets neededForUsers only with systemd-sysusers or userborn.
+SECRETS_UNITS_CASES = {
+    "activation scripts": ("", ["db", "pw"], []),
+    "systemd activation, users by the activation script": (
+        "sops.useSystemdActivation = true;", ["db", "pw"], ["sops-install-secrets.service"]
+    ),
+    "systemd-sysusers": (
+        "systemd.sysusers.enable = true;", ["db", "pw"],
+        ["sops-install-secrets.service", "sops-install-secrets-for-users.service"],
+    ),
+    "userborn": (
+        "services.userborn.enable = true;", ["db", "pw"],
+        ["sops-install-secrets.service", "sops-install-secrets-for-users.service"],
+    ),
+    "systemd-sysusers, only secrets for users": (
+        "systemd.sysusers.enable = true;", ["pw"], ["sops-install-secrets-for-users.service"]
+    ),
+    "systemd-sysusers, no secret for users": (
+        "systemd.sysusers.enable = true;", ["db"], ["sops-install-secrets.service"]
+    ),
+    "userborn, no secret yet": ("services.userborn.enable = true;", [], []),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(SECRETS_UNITS_CASES))
+def test_exporter_starts_after_the_units_that_install_the_secrets(case):
+    """Ordered after, and wanting, exactly the units real sops-nix defines on that host, and no other."""
+    host, secrets, expected = SECRETS_UNITS_CASES[case]
+    definitions = {"db": "{ }", "pw": "{ neededForUsers = true; }"}
+    result = eval_module(
+        f"services.sops-nix-exporter.enable = true; {SOPS_KEY} {host}"
+        + "".join(f" sops.secrets.{name} = {definitions[name]};" for name in secrets),
+        with_sources=BOTH_MODULES,
+    )
+    service = result["service"]
+    assert [unit for unit in service["after"] if unit != "network.target"] == expected
+    assert service["wants"] == expected
+    # The oracle above is read from sops-nix's source; sops-nix itself agrees.
+    sops_units = sorted(f"{unit}.service" for unit in result["units"] if unit.startswith("sops-install-secrets"))
+    assert sops_units == sorted(expected)
 
 
 def test_evaluation_refuses_a_failed_assertion():
