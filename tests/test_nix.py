@@ -611,6 +611,7 @@ def test_exporter_makes_no_system_call_the_filter_blocks(make_store, pinners, sc
                 os.kill(child.pid, signal.SIGKILL)
             tracer.kill()
             tracer.wait()
+        tracer.stderr.close()
 
     used = set(re.findall(r"^\d+\s+([a-z0-9_]+)\(", trace.read_text(errors="replace"), re.M))
     print("system calls:", " ".join(sorted(used)))
