@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import bcrypt
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -333,13 +334,6 @@ def _tls_context(tls: TLSServerConfig, base: Path) -> tuple[ssl.SSLContext, list
     return context, files
 
 
-def _bcrypt_available() -> None:
-    try:
-        import bcrypt  # noqa: F401
-    except ImportError:
-        raise WebConfigError("basic_auth_users: needs the Python package bcrypt, which is not installed") from None
-
-
 def load_web_config(path: str | Path) -> WebSettings:
     path = Path(path)
     data = read_yaml(path, "web configuration", WebConfigError)
@@ -352,11 +346,6 @@ def load_web_config(path: str | Path) -> WebSettings:
         except WebConfigError as exc:
             raise WebConfigError(f"{path}: {exc}") from None
         files += tls_files
-    if config.basic_auth_users:
-        try:
-            _bcrypt_available()
-        except WebConfigError as exc:
-            raise WebConfigError(f"{path}: {exc}") from None
     sans = config.tls_server_config.client_allowed_sans if config.tls_server_config else []
     return WebSettings(
         tls=context,
@@ -435,8 +424,6 @@ class BasicAuth:
         self._bcrypt_lock = threading.Lock()
 
     def check(self, users: dict[str, bytes], user: str, password: str) -> bool:
-        import bcrypt
-
         hashed = users.get(user)
         known = hashed is not None
         hashed = hashed if known else UNKNOWN_USER_HASH
