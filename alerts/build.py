@@ -130,8 +130,9 @@ def vm_alerts() -> list[dict]:
             "5m",
             "VM {{ $labels.vm }} declares secrets share {{ $labels.share }} but no virtiofsd serves it",
             f"""{Share} is declared (from {{{{ $labels.mountpoint }}}}) but no virtiofsd
-            serves it: the guest cannot mount its secrets. Start microvm-virtiofsd@{{{{ $labels.vm }}}}, or
-            restart microvm@{{{{ $labels.vm }}}}.""",
+            serves it: the guest cannot mount its secrets. Restart microvm@{{{{ $labels.vm }}}}, which
+            restarts microvm-virtiofsd@{{{{ $labels.vm }}}} too (starting that unit does nothing while its
+            supervisord runs).""",
         ),
         alert(
             "SopsNixVMSecretsPrunedOnNextSwitch", "warning",
@@ -141,9 +142,8 @@ def vm_alerts() -> list[dict]:
             "The next activation will delete the secrets VM {{ $labels.vm }} serves",
             f"""{Share} serves generation {SERVED} of {{{{ $labels.mountpoint }}}};
             the current generation is {CURRENT} and keepGenerations is {KEEP},
-            so the next activation deletes it and the guest's secrets directory turns empty. Share the store's
-            mount point instead of the symlink, or raise keepGenerations, or restart
-            microvm@{{{{ $labels.vm }}}} after every switch.""",
+            so the next activation deletes it and the guest's secrets directory turns empty. Raise
+            keepGenerations (or set it to 0), or restart microvm@{{{{ $labels.vm }}}} after every switch.""",
         ),
         alert(
             "SopsNixVMServingStaleGeneration", "warning",

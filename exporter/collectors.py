@@ -170,6 +170,15 @@ class StoresCollector(Collector):
             yield from store_problems(store)
 
 
+# sops-nix makes /run/secrets.d root:keys, but writes /run/secrets-for-users.d with -ignore-passwd (before
+# users and groups exist), so that one is root:root: only CAP_DAC_READ_SEARCH lists it, and a secret's
+# subdirectory whose mode shuts keys out.
+LISTING_HINT = (
+    "grant the exporter CAP_DAC_READ_SEARCH (the keys group lists /run/secrets.d, which is root:keys, but "
+    "not /run/secrets-for-users.d, which is root:root)"
+)
+
+
 def store_problems(store: StoreScan) -> Iterator[Problem]:
     """What is wrong with a store, in words an operator can act on. Shared by the log and `check`."""
     mp = store.mountpoint
@@ -177,7 +186,7 @@ def store_problems(store: StoreScan) -> Iterator[Problem]:
         if store.down_reason == "missing":
             return  # a host without secrets of this kind: not a problem, and not worth a log line
         hints = {
-            "permission_denied": "run the exporter in the keys group, or grant CAP_DAC_READ_SEARCH",
+            "permission_denied": LISTING_HINT,
             "not_a_directory": "check the store's mountpoint in the configuration",
         }
         yield Problem(
@@ -191,7 +200,7 @@ def store_problems(store: StoreScan) -> Iterator[Problem]:
         yield Problem(
             f"{mp}:symlink",
             f"store {mp}: symlink {store.symlink} is {store.symlink_state.value}",
-            "run the exporter in the keys group, or grant CAP_DAC_READ_SEARCH"
+            LISTING_HINT
             if store.symlink_state is SymlinkState.UNREADABLE
             else "re-run the activation (nixos-rebuild switch) so sops-nix links a generation",
             severity="critical",
@@ -235,7 +244,7 @@ def store_problems(store: StoreScan) -> Iterator[Problem]:
         yield Problem(
             f"{mp}:scan:{reason}",
             f"store {mp}: {count} part(s) could not be read ({reason}); byte counts are a lower bound",
-            "run the exporter in the keys group, or grant CAP_DAC_READ_SEARCH" if reason == "permission_denied" else "",
+            LISTING_HINT if reason == "permission_denied" else "",
         )
 
 
@@ -374,18 +383,35 @@ class SharesCollector(Collector):
 
 
 def share_problems(share: Share, store: StoreScan | None) -> Iterator[Problem]:
-    """The verdict on one share and its fix, shared by the log and `check`."""
+    """The verdict on one share and its fix, shared by the log and `check`.
+
+    Never "share the store's mount point": that hands the guest every generation of every secret, and
+    sops-nix's private key (age-keys.txt, which it writes into the mount point). docs/runbooks.md says why.
+    """
     who = f"VM {share.vm} share {share.share} ({share.mountpoint})"
     key = f"{share.vm}/{share.share}/{share.mountpoint}"
+    # microvm-virtiofsd@VM is PartOf microvm@VM: restarting the VM restarts its virtiofsd, which resolves
+    # the symlink again. Restarting the virtiofsd alone is not enough: a running guest does not reconnect.
     restart = f"restart microvm@{share.vm} (restarts its virtiofsd too) to serve the current generation"
     if not share.up:
+        # supervisord, the unit's main process, can outlive the virtiofsd that died: `start` does nothing then.
         yield Problem(f"{key}:down", f"{who}: declared, but no virtiofsd serves it: the VM has no secrets",
-                      f"start microvm-virtiofsd@{share.vm}, or restart microvm@{share.vm}", severity="critical")  # fmt: skip
+                      f"restart microvm@{share.vm}, which restarts microvm-virtiofsd@{share.vm} too (starting "
+                      f"microvm-virtiofsd@{share.vm} does nothing while its supervisord runs)",
+                      severity="critical")  # fmt: skip
         return
     if share.held is not None and share.held.method == "denied":
         yield Problem(f"{key}:denied", f"{who}: cannot tell which generation it serves (needs CAP_SYS_PTRACE, "
                       "and CAP_DAC_READ_SEARCH for an unsandboxed virtiofsd)",
                       "grant the exporter CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH")  # fmt: skip
+        return
+    if share.held is not None and share.held.whole_store:
+        symlink = store.symlink if store else "the store's symlink"
+        yield Problem(f"{key}:whole_store", f"{who}: shares the store's mount point, not its symlink: the guest "
+                      "can read every generation the host keeps and sops-nix's key file (age-keys.txt) if one "
+                      "is there",
+                      f"share {symlink} instead and restart microvm@{share.vm}; treat a key the guest could "
+                      "read as known to it")  # fmt: skip
         return
     served = share.served_generation
     current = share.current_generation
@@ -395,11 +421,12 @@ def share_problems(share: Share, store: StoreScan | None) -> Iterator[Problem]:
         return
     if share.pruned_on_next_switch:
         keep = recommended_keep_generations(store, [share]) if store else None
+        keep_text = f"set sops.keepGenerations = {keep}" if keep is not None else "raise sops.keepGenerations"
         yield Problem(f"{key}:pruned_next", f"{who}: serves generation {served}, which the next switch deletes "
                       f"(keepGenerations = {share.keep_generations})",
-                      f"set sops.keepGenerations = {keep} (each kept generation costs memory), or restart "
-                      f"microvm@{share.vm} right after each switch, or share the store's mount point instead of "
-                      "the symlink")  # fmt: skip
+                      f"{keep_text}, or 0 to never prune (each kept generation costs memory, and the VM reads "
+                      f"stale secrets until restarted), or restart microvm@{share.vm} right after each "
+                      "switch")  # fmt: skip
     if share.stale:
         yield Problem(f"{key}:stale", f"{who}: serves generation {served}, current is {current}: "
                       "the VM does not see rotated secrets", restart)  # fmt: skip
@@ -414,6 +441,6 @@ def share_summary(share: Share) -> str:
     if share.held.method == "unpinned":
         return f"{who}: virtiofsd holds nothing yet (its VM has not connected)"
     if share.held.whole_store:
-        return f"{who}: serves the whole store (every generation): never stale"
+        return f"{who}: serves the store's whole mount point: every generation, and sops-nix's key file if it is there"
     state = "deleted" if share.deleted else "stale" if share.stale else "current"
     return f"{who}: serves generation {share.served_generation}, current {share.current_generation}: {state}"

@@ -32,6 +32,11 @@ from sopsnix import (
 from tools import require_tool
 
 NOBODY = 65534
+# /run/secrets.d is root:keys, /run/secrets-for-users.d root:root: only the capability lists both.
+LISTING_FIX = (
+    "  fix: grant the exporter CAP_DAC_READ_SEARCH (the keys group lists /run/secrets.d, which is root:keys, but "
+    "not /run/secrets-for-users.d, which is root:root)"
+)
 SETPRIV = [
     "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all",
 ]  # fmt: skip
@@ -228,7 +233,7 @@ def test_permission_denied_on_a_generation(store, scratch, as_nobody, promtool_c
     finding = lines.index(
         f"WARNING: store {mp}: 1 part(s) could not be read (permission_denied); byte counts are a lower bound"
     )
-    assert lines[finding + 1] == "  fix: run the exporter in the keys group, or grant CAP_DAC_READ_SEARCH"
+    assert lines[finding + 1] == LISTING_FIX
     assert secrets.leaked(result.stdout + result.stderr) == []
 
     prom = output / "sops-nix.prom"
@@ -260,7 +265,7 @@ def test_permission_denied_on_the_mount_point(store, scratch, as_nobody):
     lines = result.stdout.splitlines()
     assert lines[0] == f"store {mp}: cannot be listed (permission_denied)"
     finding = lines.index(f"CRITICAL: store {mp} cannot be listed (permission_denied)")
-    assert lines[finding + 1] == "  fix: run the exporter in the keys group, or grant CAP_DAC_READ_SEARCH"
+    assert lines[finding + 1] == LISTING_FIX
 
     prom = output / "sops-nix.prom"
     result = as_nobody("textfile", f"--config.file={config}", f"--output={prom}")
@@ -285,7 +290,7 @@ def test_symlink_closed_to_the_exporter(store, scratch, as_nobody):
     assert result.returncode == 1, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     finding = lines.index(f"CRITICAL: store {store.mountpoint}: symlink {link.symlink} is unreadable")
-    assert lines[finding + 1] == "  fix: run the exporter in the keys group, or grant CAP_DAC_READ_SEARCH"
+    assert lines[finding + 1] == LISTING_FIX
 
     prom = output / "sops-nix.prom"
     result = as_nobody("textfile", f"--config.file={config}", f"--output={prom}")
