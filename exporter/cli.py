@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args, config)
     exporter, registry = app.build(config, process_metrics=False)
     if args.command == "check":
+        # The report on stdout is the one place each finding is told; stderr keeps the run's own errors
+        # (and debug lines when asked for).
+        exporter.problem_log = None
         text, code = report(exporter.collect())
         sys.stdout.write(text)
         return code

@@ -127,7 +127,9 @@ class ProblemLog:
 class Exporter:
     def __init__(self, collectors: list[Collector]) -> None:
         self.collectors = collectors
-        self.problem_log = ProblemLog()
+        # None where the caller tells the problems itself: `check` prints each finding in its report, and
+        # logging it too would show it twice in a terminal.
+        self.problem_log: ProblemLog | None = ProblemLog()
         self._lock = threading.Lock()
         self._in_flight: Future[Snapshot] | None = None
 
@@ -147,7 +149,8 @@ class Exporter:
                 run.problems = [Problem("failed", f"collector {collector.name} failed: {run.error}", severity="critical")]
                 log.debug("collector failed", exc_info=True, extra={"kv": {"collector": collector.name}})
             run.duration_seconds = time.perf_counter() - start
-            self.problem_log.update(collector.name, run.problems)
+            if self.problem_log is not None:
+                self.problem_log.update(collector.name, run.problems)
             snapshot.runs[collector.name] = run
         return snapshot
 

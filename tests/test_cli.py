@@ -29,6 +29,7 @@ from sopsnix import (
     sops_layout,
     umount,
 )
+from pinning import declare_share
 from tools import require_tool
 
 NOBODY = 65534
@@ -187,6 +188,49 @@ def test_check_mountpoint_not_a_directory(scratch):
     result = check(scratch, {"mountpoint": str(scratch / "secrets.d"), "symlink": str(scratch / "secrets")})
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"CRITICAL: store {scratch / 'secrets.d'} cannot be listed (not_a_directory)" in result.stdout
+
+
+@pytest.mark.parametrize("flags", [(), ("--log.level=debug",), ("--log.format=json",)], ids=["default", "debug", "json"])
+def test_check_tells_each_finding_once(store, scratch, pinners, flags):
+    """In a terminal, stdout and stderr are one screen: each finding and its fix are told once, in the report,
+    not again as log lines. Findings of every kind: the store's and the shares', critical, warning and info."""
+    secrets = Secrets()
+    state_dir = scratch / "microvms"
+    store.switch({secrets.name(): secrets.content(3000)})
+    pinners(source=store.symlink, vm="web", state_dir=state_dir)  # serves generation 1 ...
+    store.switch({secrets.name(): secrets.content(3000)}, keep_generations=1)  # ... which this deletes
+    pinners(source=store.symlink, vm="api", state_dir=state_dir)  # generation 2: deleted by the next switch
+    pinners(source=store.mountpoint, vm="vault", state_dir=state_dir)  # the whole store, age-keys.txt and all
+    declare_share(state_dir, "mail", "secrets", store.symlink)  # declared, served by nothing
+    store.write_generation(3, {secrets.name(): "never linked\n"})  # pending
+    config = config_data(store_config(store, keep_generations=1, memory_budget_bytes=4096),
+                         microvm={"state_dir": str(state_dir)})  # fmt: skip
+    result = run_cli("check", f"--config.file={write_config(scratch, config)}", *flags)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    findings = [line for line in lines if line.startswith(("CRITICAL: ", "WARNING: ", "INFO: "))]
+    fixes = [line.removeprefix("  fix: ") for line in lines if line.startswith("  fix: ")]
+    mp = store.mountpoint
+    expected = {
+        f"CRITICAL: store {mp}: its generations hold",
+        f"CRITICAL: VM web share secrets ({mp}): serves generation 1, which was deleted",
+        f"CRITICAL: VM mail share secrets ({mp}): declared, but no virtiofsd serves it",
+        f"WARNING: VM api share secrets ({mp}): serves generation 2, which the next switch deletes",
+        f"WARNING: VM vault share secrets ({mp}): shares the store's mount point, not its symlink",
+        f"INFO: store {mp}: 1 generation(s) above the current one were written but never linked",
+    }
+    assert {next((e for e in expected if f.startswith(e)), f) for f in findings} == expected, findings
+    assert len(fixes) == len(findings)
+    everything = result.stdout + result.stderr
+    for text in [f.split(": ", 1)[1] for f in findings] + fixes:
+        assert everything.count(text) == 1, text
+    if "--log.level=debug" not in flags:
+        assert result.stderr == ""
+    # No fix hands a VM the store's mount point (every generation and sops-nix's key), nor `start`s a
+    # virtiofsd unit whose supervisord still runs.
+    assert not [fix for fix in fixes if "mount point" in fix or "start microvm-virtiofsd" in fix], fixes
+    assert "restart microvm@mail" in everything and "restart microvm@web" in everything
+    assert secrets.leaked(everything) == []
 
 
 def test_check_configuration_error(scratch):
@@ -395,12 +439,18 @@ def test_textfile_requires_output(scratch):
 # Logging and usage
 
 
+def textfile(scratch: Path, *stores: dict, flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`textfile`, which logs each problem as it appears (as `serve` does); `check` tells them in its report."""
+    config = write_config(scratch, config_data(*stores))
+    return run_cli("textfile", f"--config.file={config}", f"--output={scratch / 'sops-nix.prom'}", *flags)
+
+
 def test_log_format_json(store, scratch):
     secrets = Secrets()
     linked_store(store, secrets, current=None)
     store.symlink.symlink_to(store.generation_path(7))
-    result = check(scratch, store_config(store), flags=("--log.format=json", "--log.level=debug"))
-    assert result.returncode == 1
+    result = textfile(scratch, store_config(store), flags=("--log.format=json", "--log.level=debug"))
+    assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stderr.splitlines()]  # every line is one JSON object
     assert records, "nothing was logged"
     for record in records:
@@ -415,7 +465,7 @@ def test_log_format_json(store, scratch):
 def test_log_format_logfmt_is_the_default(store, scratch):
     linked_store(store, Secrets(), current=None)
     store.symlink.symlink_to(store.generation_path(7))
-    result = check(scratch, store_config(store))
+    result = textfile(scratch, store_config(store))
     lines = result.stderr.splitlines()
     assert lines
     for line in lines:
