@@ -22,8 +22,32 @@ from serving import (  # noqa: E402
 )
 from sopsnix import MountUnavailable, SopsStore, mounted  # noqa: E402
 from tools import require_tool
+import leaks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    leaks.become_subreaper()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request):
+    """Fails the test that leaves a descriptor open or a process running (after its own fixtures ended)."""
+    descriptors = leaks.descriptors()
+    children = set(leaks.children())
+    yield
+    processes = leaks.leaked_children(children)
+    opened = leaks.leaked_descriptors(descriptors)
+    problems = []
+    if processes:
+        problems.append("processes still running (now killed): "
+                        + ", ".join(f"{pid} ({name})" for pid, name in sorted(processes.items())))  # fmt: skip
+    if opened:
+        shown = ", ".join(f"{fd} -> {target}" for fd, target in sorted(opened.items())[:20])
+        problems.append(f"{len(opened)} descriptors left open: {shown}")
+    if problems:
+        pytest.fail(f"{request.node.nodeid} leaked: " + "; ".join(problems), pytrace=False)
 
 
 def pytest_report_header(config):
@@ -109,6 +133,29 @@ def pinners(require_root, scratch):
     yield start
     for pinner in reversed(started):
         pinner.stop()
+
+
+@pytest.fixture
+def shares(require_root, scratch):
+    """start_share(...) from tests/pinning.py: the real Rust virtiofsd where it can play the part, else the
+    pinner; every process it started is ended by its PID afterwards."""
+    from pinning import PinnerUnavailable, start_share
+    from virtiofsd import VirtiofsdUnavailable
+
+    started = []
+
+    def start(*args, **kwargs):
+        kwargs.setdefault("workdir", scratch)
+        try:
+            served = start_share(*args, **kwargs)
+        except (PinnerUnavailable, VirtiofsdUnavailable) as exc:
+            pytest.skip(str(exc))
+        started.append(served)
+        return served
+
+    yield start
+    for served in reversed(started):
+        served.stop()
 
 
 @pytest.fixture
