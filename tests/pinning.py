@@ -1,8 +1,13 @@
-"""Test support: real processes that pin a generation the way each virtiofsd sandbox mode does.
+"""Test support: real processes that serve a generation the way each virtiofsd sandbox mode does.
 
-The pinner (support/pinner.c) is compiled once into a file named `virtiofsd`, so the kernel gives it the
-command name the exporter looks for; it carries a real Rust or C virtiofsd command line, is placed in a real
-cgroup named like microvm.nix's unit, and can be declared the way microvm.nix declares its shares.
+`start_share` runs the real Rust virtiofsd wherever it can play the part: in its namespace and chroot
+sandboxes it resolves and pins the shared directory at start, before any VM connects. The rest is played by
+the pinner (support/pinner.c): an unsandboxed daemon pins nothing until a guest connects (the real one is
+proven with a real guest in test_vm_e2e.py), and neither daemon can exit after a chosen number of
+milliseconds or carry a garbage command line. The pinner is compiled once into a file named `virtiofsd`, so
+the kernel gives it the command name the exporter looks for; it carries a real Rust or C virtiofsd command
+line. Both are placed in a real cgroup named like microvm.nix's unit, and can be declared the way
+microvm.nix declares its shares.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import atexit
 import os
 import secrets
-import select
+import selectors
 import shutil
 import signal
 import subprocess
@@ -19,8 +24,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from virtiofsd import RustVirtiofsd, microvm_command_line, rust_binary
+
 SUPPORT = Path(__file__).parent / "support"
-RUST_VIRTIOFSD = "/nix/store/0k6v6d4zq2y2zg6d7x2x9yq3b5jv4r2c-virtiofsd-1.13.0/bin/virtiofsd"
+RUST_VIRTIOFSD = "/nix/store/0k6v6d4zq2y2zg6d7x2x9yq3b5jv4r2c-virtiofsd-1.13.2/bin/virtiofsd"
+# The modes in which the real Rust virtiofsd pins its shared directory at start, with no VM connected.
+REAL_RUST_MODES = ("namespace", "chroot")
 C_VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 
 
@@ -77,11 +86,11 @@ def declare_share(state_dir: Path, vm: str, tag: str, source: str | Path, socket
 
 def command_line(syntax: str, mode: str, source: str, socket: str, space_form: bool = False) -> list[str]:
     if syntax == "rust":
-        argv = [RUST_VIRTIOFSD, f"--socket-path={socket}"]
-        argv += ["--shared-dir", source] if space_form else [f"--shared-dir={source}"]
-        argv += ["--thread-pool-size", "1", "--posix-acl", "--xattr"]
-        if mode != "namespace":  # namespace is the default; leave it implicit as microvm.nix does
-            argv += ["--sandbox", mode]
+        # namespace is the default; leave it implicit as microvm.nix does (another comes from extraArgs)
+        argv = microvm_command_line(RUST_VIRTIOFSD, socket, source, sandbox=None if mode == "namespace" else mode)
+        if space_form:
+            shared = argv.index(f"--shared-dir={source}")
+            argv[shared : shared + 1] = ["--shared-dir", source]
         return argv
     if syntax == "c":
         if mode not in ("namespace", "chroot"):
@@ -119,18 +128,60 @@ class Pinner:
                 except ProcessLookupError:
                     pass
             self.process.wait(timeout=10)
-        deadline = time.monotonic() + 5
-        for directory in ([self.cgroup] if self.cgroup else []) + self.extra_cgroup_dirs:
-            while True:
-                try:
-                    directory.rmdir()
+        for pipe in (self.process.stdin, self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                pipe.close()
+        remove_cgroup([self.cgroup] if self.cgroup else [], self.extra_cgroup_dirs)
+
+
+@dataclass
+class RealVirtiofsd:
+    """The real Rust virtiofsd serving one share, in its cgroup; the same interface as Pinner."""
+
+    daemon: RustVirtiofsd
+    cgroup: Path | None = None
+    extra_cgroup_dirs: list[Path] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.daemon.pid
+
+    @property
+    def argv(self) -> list[str]:
+        return self.daemon.argv
+
+    def children(self) -> list[int]:
+        return self.daemon.children()
+
+    def stop(self) -> None:
+        self.daemon.stop()
+        remove_cgroup([self.cgroup] if self.cgroup else [], self.extra_cgroup_dirs)
+
+
+def make_cgroup(vm: str) -> tuple[Path, Path] | None:
+    """(unit, slice): SLICE/microvm-virtiofsd@VM.service in a fresh test slice, or None without cgroup v2."""
+    root = cgroup2_root()
+    if root is None:
+        return None
+    slice_dir = root / f"sopsnix-test-{secrets.token_hex(4)}.slice"
+    unit_dir = slice_dir / f"microvm-virtiofsd@{vm}.service"
+    unit_dir.mkdir(parents=True)
+    return unit_dir, slice_dir
+
+
+def remove_cgroup(units: list[Path], slices: list[Path]) -> None:
+    deadline = time.monotonic() + 5
+    for directory in units + slices:
+        while True:
+            try:
+                directory.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:  # the killed sandbox child may take a moment to leave the cgroup
+                if time.monotonic() > deadline:
                     break
-                except FileNotFoundError:
-                    break
-                except OSError:  # the killed sandbox child may take a moment to leave the cgroup
-                    if time.monotonic() > deadline:
-                        break
-                    time.sleep(0.05)
+                time.sleep(0.05)
 
 
 def start_pinner(
@@ -171,18 +222,17 @@ def start_pinner(
     )  # fmt: skip
     pinner = Pinner(process=process, argv=argv)
     try:
-        root = cgroup2_root() if cgroup else None
-        if root is not None:
-            slice_dir = root / f"sopsnix-test-{secrets.token_hex(4)}.slice"
-            unit_dir = slice_dir / f"microvm-virtiofsd@{vm}.service"
-            unit_dir.mkdir(parents=True)
-            pinner.cgroup = unit_dir
+        dirs = make_cgroup(vm) if cgroup else None
+        if dirs is not None:
+            pinner.cgroup, slice_dir = dirs
             pinner.extra_cgroup_dirs.append(slice_dir)
-            (unit_dir / "cgroup.procs").write_text(str(process.pid))
+            (pinner.cgroup / "cgroup.procs").write_text(str(process.pid))
         assert process.stdin is not None and process.stdout is not None
         process.stdin.write(b"g")
         process.stdin.flush()
-        ready, _, _ = select.select([process.stdout], [], [], 10)
+        with selectors.DefaultSelector() as selector:
+            selector.register(process.stdout, selectors.EVENT_READ)
+            ready = selector.select(10)
         line = process.stdout.readline() if ready else b""
         if line != b"ready\n":
             stderr = process.stderr.read1(4096) if process.poll() is not None and process.stderr else b""
@@ -191,3 +241,49 @@ def start_pinner(
         pinner.stop()
         raise
     return pinner
+
+
+def start_share(
+    workdir: Path,
+    source: str | Path,
+    mode: str = "namespace",
+    syntax: str = "rust",
+    vm: str = "vm1",
+    tag: str = "secrets",
+    state_dir: Path | None = None,
+    declare: bool = True,
+    cgroup: bool = True,
+    readonly: bool = False,
+    real: bool | None = None,
+) -> Pinner | RealVirtiofsd:
+    """A virtiofsd serving `source` for VM's share TAG: the real Rust daemon for the Rust syntax in the modes
+    where it pins at start, or wherever `real` asks for it (raises VirtiofsdUnavailable where it cannot be
+    had), else the pinner."""
+    if real is None:
+        real = syntax == "rust" and mode in REAL_RUST_MODES
+    if not real:
+        if readonly:
+            raise ValueError("the pinner plays no --readonly share; use the real Rust virtiofsd")
+        return start_pinner(workdir, source, mode=mode, syntax=syntax, vm=vm, tag=tag, state_dir=state_dir,
+                            declare=declare, cgroup=cgroup)  # fmt: skip
+    binary = rust_binary()
+    source = str(source)
+    if state_dir is not None:
+        cwd = state_dir / vm
+        cwd.mkdir(parents=True, exist_ok=True)
+        if declare:
+            declare_share(state_dir, vm, tag, source)
+    else:
+        cwd = workdir
+    dirs = make_cgroup(vm) if cgroup else None
+    unit, slices = (dirs[0], [dirs[1]]) if dirs else (None, [])
+    try:
+        daemon = RustVirtiofsd.start(
+            binary, source, cwd / socket_name(vm, tag), cwd=cwd, sandbox=None if mode == "namespace" else mode,
+            cgroup_procs=unit / "cgroup.procs" if unit else None, readonly=readonly,
+            log_path=workdir / f"virtiofsd-{vm}-{tag}-{time.monotonic_ns()}.log",
+        )  # fmt: skip
+    except BaseException:
+        remove_cgroup([unit] if unit else [], slices)
+        raise
+    return RealVirtiofsd(daemon=daemon, cgroup=unit, extra_cgroup_dirs=slices)
