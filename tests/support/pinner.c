@@ -4,8 +4,8 @@
  * C virtiofsd command line); what it does is told by the environment, never by argv:
  *
  *   PIN_SOURCE   the shared directory as virtiofsd receives it (a symlink, a generation, the mount point)
- *   PIN_MODE     namespace: fork; the child unshares its mount namespace, bind-mounts the source on itself
- *                           and pivots into it (the Rust and C virtiofsd default)
+ *   PIN_MODE     namespace: unshare the mount namespace, bind-mount the source on itself, pivot into it,
+ *                           then fork the child that holds it (the Rust and C virtiofsd default)
  *                chroot:    chroot into the source
  *                none:      keep an O_PATH descriptor of the source open
  *                idle:      pin nothing (a C virtiofsd that no VM has connected to yet)
@@ -57,15 +57,9 @@ int main(void) {
     if (read(0, &go, 1) != 1) die("wait for go");
 
     if (strcmp(mode, "namespace") == 0) {
-        pid_t child = fork();
-        if (child < 0) die("fork");
-        if (child > 0) {
-            int status;
-            /* The parent stays outside the sandbox, as virtiofsd's does, and pins nothing. */
-            while (waitpid(child, &status, 0) < 0 && errno == EINTR) {}
-            return 0;
-        }
-        if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) die("prctl");
+        /* As the Rust virtiofsd does: the process unshares its mount namespace and pivots into the source,
+         * then forks the child that serves; parent and child share that namespace, so both mountinfo root
+         * lines name the generation ("/3 /"). */
         if (unshare(CLONE_NEWNS) != 0) die("unshare");
         if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0) die("make / private");
         if (mount(source, source, NULL, MS_BIND | MS_REC, NULL) != 0) die("bind source");
@@ -73,6 +67,14 @@ int main(void) {
         if (syscall(SYS_pivot_root, ".", ".") != 0) die("pivot_root");
         if (umount2(".", MNT_DETACH) != 0) die("detach old root");
         if (chdir("/") != 0) die("chdir /");
+        pid_t child = fork();
+        if (child < 0) die("fork");
+        if (child > 0) {
+            int status;
+            while (waitpid(child, &status, 0) < 0 && errno == EINTR) {}
+            return 0;
+        }
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) die("prctl");
         hold();
     } else if (strcmp(mode, "chroot") == 0) {
         if (chdir(source) != 0) die("chdir source");
