@@ -666,8 +666,8 @@ def host_dashboard() -> models.Dashboard:
         timeseries_panel(
             "Store scan errors",
             "Parts of a store the last scan could not read, by reason. vanished is a prune racing the "
-            "scan and harmless; permission_denied means byte counts are a lower bound: run the exporter "
-            "in the keys group or grant CAP_DAC_READ_SEARCH.",
+            "scan and harmless; permission_denied means byte counts are a lower bound: grant the exporter "
+            "CAP_DAC_READ_SEARCH (the keys group does not open /run/secrets-for-users.d).",
             "none",
             thresholds((None, "green"), (1, "yellow")),
             target(s("sopsnix_store_scan_errors"), "A", "{{instance}} {{mountpoint}} {{reason}}"),

@@ -47,8 +47,7 @@ python3Packages.buildPythonApplication {
     psutil
     pydantic
     pyyaml
-    # Optional for the exporter (only basic_auth_users of --web.config.file needs it); the module
-    # offers webConfigFile, so the package carries it.
+    # basic_auth_users of --web.config.file are bcrypt hashes; a dependency in pyproject too.
     bcrypt
   ];
 

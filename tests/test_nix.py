@@ -506,8 +506,7 @@ def test_package_dependencies_follow_pyproject():
 
     package = (NIX / "package.nix").read_text()
     dependencies = nix_list(package, "dependencies")
-    assert names(project["dependencies"]) <= dependencies
-    assert dependencies - names(project["dependencies"]) <= {"bcrypt"}  # optional in pyproject, wanted on NixOS
+    assert dependencies == names(project["dependencies"])
     # The test extras nixpkgs has; the Grafana SDK is not packaged there, and its tests skip without it.
     test_extras = names(project["optional-dependencies"]["test"])
     wanted = (test_extras - {"grafana-foundation-sdk", "pytest"} - dependencies) | {"pytestcheckhook"}
