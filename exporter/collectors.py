@@ -13,7 +13,7 @@ from exporter import __version__, mountinfo
 from exporter.cache import CachingMeasurer
 from exporter.config import Config
 from exporter.framework import Collector, MetricSpec, Problem, Snapshot
-from exporter.shares import Share, SharesResult, pinned_generations, recommended_keep_generations, scan_shares
+from exporter.shares import FILE_HANDLE, Share, SharesResult, pinned_generations, recommended_keep_generations, scan_shares
 from exporter.store import Measurer, StoreScan, SymlinkState, scan_store
 
 MP = ("mountpoint",)
@@ -294,7 +294,8 @@ VM_PRUNED_ON_NEXT_SWITCH = MetricSpec(
 VM_SHARE_DETECTION = MetricSpec(
     "sopsnix_vm_share_detection",
     "1, with how the served generation was found: root, mountinfo, fd, unpinned (virtiofsd holds nothing "
-    "yet), denied (needs CAP_SYS_PTRACE) or down.",
+    "yet), denied (needs CAP_SYS_PTRACE), file_handle (an unsandboxed virtiofsd holds it as a file handle: "
+    "unknown) or down.",
     ("vm", "share", "mountpoint", "method"),
 )
 PINNED_GENERATIONS = MetricSpec(
@@ -405,6 +406,13 @@ def share_problems(share: Share, store: StoreScan | None) -> Iterator[Problem]:
                       "and CAP_DAC_READ_SEARCH for an unsandboxed virtiofsd)",
                       "grant the exporter CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH")  # fmt: skip
         return
+    if share.held is not None and share.held.method == FILE_HANDLE:
+        yield Problem(f"{key}:file_handle", f"{who}: cannot tell which generation it serves: its unsandboxed "
+                      "virtiofsd holds the shared directory as a file handle, which /proc does not show",
+                      f"run it in virtiofsd's default namespace sandbox (drop --sandbox=none from "
+                      f"microvm.virtiofsd.extraArgs), or set microvm.virtiofsd.inodeFileHandles = \"never\"; "
+                      f"then restart microvm@{share.vm}")  # fmt: skip
+        return
     if share.held is not None and share.held.whole_store:
         symlink = store.symlink if store else "the store's symlink"
         yield Problem(f"{key}:whole_store", f"{who}: shares the store's mount point, not its symlink: the guest "
@@ -440,6 +448,8 @@ def share_summary(share: Share) -> str:
         return f"{who}: served generation unknown (needs CAP_SYS_PTRACE)"
     if share.held.method == "unpinned":
         return f"{who}: virtiofsd holds nothing yet (its VM has not connected)"
+    if share.held.method == FILE_HANDLE:
+        return f"{who}: served generation unknown (an unsandboxed virtiofsd holds it as a file handle)"
     if share.held.whole_store:
         return f"{who}: serves the store's whole mount point: every generation, and sops-nix's key file if it is there"
     state = "deleted" if share.deleted else "stale" if share.stale else "current"

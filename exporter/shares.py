@@ -18,6 +18,11 @@ from exporter.store import StoreScan
 UNIT_PATTERN = re.compile(r"microvm-virtiofsd@(.+?)\.service")
 SOCKET_PATTERN = re.compile(r"^(.+)-virtiofs-(.+)\.sock$")
 UNKNOWN = "unknown"
+# An unsandboxed virtiofsd with --inode-file-handles=prefer (microvm.nix's default) on a filesystem that has
+# file handles (tmpfs, sops-nix's useTmpfs) keeps its shared directory as a file handle, which /proc does not
+# show, and holds only the filesystem's mount point open (for open_by_handle_at). What it serves cannot be
+# told then; that open mount point is not a share of the whole store.
+FILE_HANDLE = "file_handle"
 DECLARED_LIMIT = 4096  # a source or socket file is one path; anything longer is not microvm.nix's
 
 
@@ -49,7 +54,7 @@ class Share:
     @property
     def known(self) -> bool:
         """Whether what it serves could be told (a share not yet connected serves nothing stale)."""
-        return self.held is not None and self.held.method != "denied"
+        return self.held is not None and self.held.method not in ("denied", FILE_HANDLE)
 
     @property
     def served_generation(self) -> int | None:
@@ -171,6 +176,17 @@ def store_for_source(source: str, stores: list[StoreScan]) -> StoreScan | None:
     return None
 
 
+def names_mountpoint(source: str, store: StoreScan) -> bool:
+    """Whether a share's source is the store's mount point itself (and not the symlink, or a path below)."""
+    normal = os.path.normpath(source)
+    if normal == os.path.normpath(store.mountpoint):
+        return True
+    try:
+        return os.path.realpath(normal) == os.path.realpath(store.mountpoint)
+    except OSError:
+        return False
+
+
 def store_identity(store: StoreScan) -> StoreIdentity:
     try:
         inode: int | None = os.stat(store.mountpoint).st_ino
@@ -281,6 +297,8 @@ def scan_shares(
                 held = candidate
         if held is None:
             continue
+        if held.whole_store and held.method == "fd" and not names_mountpoint(command.source, store):
+            held = Held(FILE_HANDLE, device=held.device, inode=held.inode)
         if held.method == "denied":
             result.unreadable_processes += 1
         vm = _vm_name(members[0].pid, command, state_dir, proc)

@@ -1,7 +1,8 @@
 """The failure this project exists for, reproduced in a real VM, with the exporter watching.
 
-A real ramfs store switched as sops-nix switches it, QEMU's real C virtiofsd serving the store's symlink,
-a real QEMU guest (Debian's kernel, a busybox initramfs) printing what it reads from the share every
+A real ramfs store switched as sops-nix switches it, a real virtiofsd serving the store's symlink (the Rust
+virtiofsd microvm.nix runs, with microvm.nix's command line, in each of its sandboxes; and QEMU's C
+virtiofsd), a real QEMU guest (Debian's kernel, a busybox initramfs) printing what it reads from the share every
 second, and the real exporter process. At every step the guest's console is read first (the first tick
 it began after the step), then the exporter's /metrics must tell the same story.
 
@@ -32,6 +33,16 @@ pytestmark = pytest.mark.slow
 
 VM = "sopsvm"
 TAG = "secrets"
+
+# (daemon, sandbox, read-only): microvm.nix runs the Rust virtiofsd in its default namespace sandbox; chroot
+# and none come from microvm.virtiofsd.extraArgs, --readonly from microvm.shares.*.readOnly.
+DAEMONS = [
+    ("rust", "namespace", False),
+    ("rust", "chroot", True),
+    ("rust", "none", False),
+    ("c", "namespace", False),
+]
+DAEMON_IDS = [f"{d}-{s}{'-readonly' if r else ''}" for d, s, r in DAEMONS]
 
 SHARE_GAUGES = {
     "up": "sopsnix_vm_share_up",
@@ -80,9 +91,11 @@ def microvm(vm_parts, tmp_path):
     kernel, initramfs, accelerator = vm_parts
     shares: list[MicrovmShare] = []
 
-    def make(source: Path, state_dir: Path) -> MicrovmShare:
+    def make(source: Path, state_dir: Path, daemon: str = "c", sandbox: str = "namespace",
+             readonly: bool = False) -> MicrovmShare:  # fmt: skip
         try:
-            share = MicrovmShare(kernel, initramfs, accelerator, state_dir, VM, TAG, source, tmp_path)
+            share = MicrovmShare(kernel, initramfs, accelerator, state_dir, VM, TAG, source, tmp_path,
+                                 daemon=daemon, sandbox=sandbox, readonly=readonly)  # fmt: skip
         except GuestUnavailable as exc:
             pytest.skip(f"no test VM: {exc}")
         shares.append(share)
@@ -115,7 +128,8 @@ class Transcript:
         self.title = title
         self.share = share
         self.path = tmp_path / "transcript.md"
-        self.parts = [f"# {title}\n\nkernel {share.kernel.package}, accelerator {share.accelerator}\n"]
+        self.parts = [f"# {title}\n\n{share.describe()}; kernel {share.kernel.package}, "
+                      f"accelerator {share.accelerator}\n"]
 
     def add(self, step: str, tick: Tick | None, metrics: str, store: SopsStore) -> None:
         lines = [
@@ -143,7 +157,7 @@ def expect_share(exporter, store: SopsStore, transcript: Transcript, step: str, 
     labels = {"vm": VM, "share": TAG, "mountpoint": str(store.mountpoint)}
     seen = {key: value(text, SHARE_GAUGES[key], **labels) for key in expected}
     guest = tick.text if tick is not None else "(the guest is not running)"
-    assert seen == {k: float(v) for k, v in expected.items()}, (
+    assert seen == {k: None if v is None else float(v) for k, v in expected.items()}, (
         f"step '{step}': the exporter published {seen}, expected {expected}.\n"
         f"The guest saw:\n{guest}\nThe host saw:\n" + "\n".join(transcript.share.host_view())
         + "\nThe exporter's share lines:\n"
@@ -162,14 +176,16 @@ def exporter_config(store: SopsStore, keep_generations: int, state_dir: Path) ->
     }
 
 
-def test_pruned_generation_empties_the_guest_mount(make_store, microvm, serve, scratch, tmp_path):
+@pytest.mark.parametrize("daemon,sandbox,readonly", DAEMONS, ids=DAEMON_IDS)
+def test_pruned_generation_empties_the_guest_mount(make_store, microvm, serve, scratch, tmp_path, daemon, sandbox,
+                                                   readonly):  # fmt: skip
     """keepGenerations = 1: the switch prunes the generation the running VM is served; its mount turns empty."""
     store = make_store("ramfs")
     state_dir = scratch / "microvms"
     store.write_generation(1, secrets_of(1))
     store.link(1)
-    share = microvm(store.symlink, state_dir)
-    transcript = Transcript("keep-generations-1", tmp_path, share)
+    share = microvm(store.symlink, state_dir, daemon, sandbox, readonly)
+    transcript = Transcript(f"keep-generations-1-{daemon}-{sandbox}", tmp_path, share)
     exporter = serve(exporter_config(store, 1, state_dir))
 
     tick = start(share)
@@ -202,14 +218,16 @@ def test_pruned_generation_empties_the_guest_mount(make_store, microvm, serve, s
                  up=1, serving=2, stale=0, deleted=0, behind=0, pruned_on_next_switch=1)  # fmt: skip
 
 
-def test_kept_generation_is_stale_and_grows_the_store(make_store, microvm, serve, scratch, tmp_path):
+@pytest.mark.parametrize("daemon,sandbox,readonly", DAEMONS, ids=DAEMON_IDS)
+def test_kept_generation_is_stale_and_grows_the_store(make_store, microvm, serve, scratch, tmp_path, daemon, sandbox,
+                                                      readonly):  # fmt: skip
     """keepGenerations = 0: nothing is pruned; the guest keeps reading old secrets and memory grows."""
     store = make_store("ramfs")
     state_dir = scratch / "microvms"
     store.write_generation(1, secrets_of(1))
     store.link(1)
-    share = microvm(store.symlink, state_dir)
-    transcript = Transcript("keep-generations-0", tmp_path, share)
+    share = microvm(store.symlink, state_dir, daemon, sandbox, readonly)
+    transcript = Transcript(f"keep-generations-0-{daemon}-{sandbox}", tmp_path, share)
     exporter = serve(exporter_config(store, 0, state_dir))
 
     tick = start(share)
@@ -231,3 +249,31 @@ def test_kept_generation_is_stale_and_grows_the_store(make_store, microvm, serve
     assert value(after, "sopsnix_generations", mountpoint=mountpoint) == 2
     assert value(after, "sopsnix_current_generation_bytes", mountpoint=mountpoint) == generation_2_bytes
     assert value(after, "sopsnix_generations_bytes", mountpoint=mountpoint) == bytes_before + generation_2_bytes
+
+
+def test_unsandboxed_file_handles_on_tmpfs_are_reported_as_unknown(make_store, microvm, serve, scratch, tmp_path):
+    """sops-nix's useTmpfs store, served by the Rust virtiofsd with --sandbox=none and microvm.nix's default
+    --inode-file-handles=prefer: tmpfs has file handles, so virtiofsd keeps the shared directory as one and holds
+    only the store's mount point open. The exporter cannot tell the generation, and says so; it must not call
+    it a share of the whole store (never stale), nor invent a verdict."""
+    store = make_store("tmpfs")
+    state_dir = scratch / "microvms"
+    store.write_generation(1, secrets_of(1))
+    store.link(1)
+    share = microvm(store.symlink, state_dir, "rust", "none")
+    transcript = Transcript("tmpfs-file-handles-rust-none", tmp_path, share)
+    exporter = serve(exporter_config(store, 1, state_dir))
+
+    tick = start(share)
+    assert tick.files == secrets_of(1), tick.text
+    # What virtiofsd holds, as the kernel tells it: the mount point, no directory inside the store.
+    open_directories = " ".join(share.host_view())
+    assert f"open directories: /, {store.mountpoint}" in open_directories, open_directories
+    labels = {"vm": VM, "share": TAG, "mountpoint": str(store.mountpoint)}
+    store.write_generation(2, secrets_of(2))
+    store.link(2)
+    tick = share.next_tick()
+    assert tick.files == secrets_of(1), f"the guest should still read generation 1:\n{tick.text}"
+    text = expect_share(exporter, store, transcript, "after the switch", tick,
+                        up=1, serving=None, stale=None, deleted=None, behind=None)  # fmt: skip
+    assert value(text, "sopsnix_vm_share_detection", method="file_handle", **labels) == 1

@@ -3,7 +3,8 @@
     kernel = fetch_kernel()                                   # tests/vm/kernel.py
     initramfs = build_initramfs(kernel, workdir / "initramfs.cpio")
     accelerator = probe_accelerator(kernel, initramfs, workdir)   # "kvm" or "tcg"
-    share = MicrovmShare(kernel, initramfs, accelerator, state_dir, "vm1", "secrets", symlink, workdir)
+    share = MicrovmShare(kernel, initramfs, accelerator, state_dir, "vm1", "secrets", symlink, workdir,
+                         daemon="rust", sandbox="chroot")   # or daemon="c" (QEMU's), sandbox namespace/none
     tick = share.start()       # virtiofsd, then the guest; its first complete console tick
     tick.files                 # {"db-password": "...", ...} as the guest read them
     tick = share.next_tick()   # the first tick the guest begins after this call
@@ -12,9 +13,11 @@
 
 The virtiofsd runs the way microvm.nix runs it, as far as the exporter can tell: from STATE_DIR/VM with
 the relative socket path VM-virtiofs-TAG.sock, the share declared in STATE_DIR/VM/booted/share/microvm/
-virtiofs/TAG/{source,socket}, and its processes in a cgroup named microvm-virtiofsd@VM.service. It runs
-in a private mount namespace with a temporary directory bound over /run, so the pid file it writes
-under /run/virtiofsd/ never reaches the real /run.
+virtiofs/TAG/{source,socket}, and its processes in a cgroup named microvm-virtiofsd@VM.service. The Rust
+virtiofsd (microvm.nix's) gets microvm.nix's command line (tests/virtiofsd.py) and runs in the host's mount
+namespace, as under microvm-virtiofsd@VM; it writes its pid file beside its socket. QEMU's C virtiofsd runs
+in a private mount namespace with a temporary directory bound over /run, so the pid file it writes under
+/run/virtiofsd/ never reaches the real /run.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pinning import cgroup2_root, declare_share
+from virtiofsd import RustVirtiofsd, VirtiofsdUnavailable, rust_binary
 from vm.kernel import Kernel
 
 HERE = Path(__file__).resolve().parent
@@ -190,6 +194,20 @@ class Virtiofsd:
         return self.log_path.read_text()
 
 
+def start_rust(source: Path, socket: Path, cgroup: Cgroup, workdir: Path, sandbox: str,
+               readonly: bool = False) -> RustVirtiofsd:  # fmt: skip
+    """The Rust virtiofsd with microvm.nix's command line, run from the socket's directory (the VM's state
+    directory) in the share's cgroup; namespace, its default, stays implicit as microvm.nix leaves it."""
+    try:
+        return RustVirtiofsd.start(
+            rust_binary(), source, socket, cwd=socket.parent, cgroup_procs=cgroup.path / "cgroup.procs",
+            sandbox=None if sandbox == "namespace" else sandbox, readonly=readonly,
+            log_path=workdir / f"virtiofsd-{time.monotonic_ns()}.log",
+        )  # fmt: skip
+    except VirtiofsdUnavailable as exc:
+        raise GuestUnavailable(str(exc)) from None
+
+
 TICK = re.compile(r"^@@tick (\d+) begin\n(.*?)^@@tick \1 end$", re.S | re.M)
 
 
@@ -335,7 +353,13 @@ class MicrovmShare:
     the guest on that socket. start(), stop() and start() again is a restart of the VM and its virtiofsd."""
 
     def __init__(self, kernel: Kernel, initramfs: Path, accelerator: str, state_dir: Path, vm: str, tag: str,
-                 source: Path, workdir: Path) -> None:  # fmt: skip
+                 source: Path, workdir: Path, daemon: str = "c", sandbox: str = "namespace",
+                 readonly: bool = False) -> None:  # fmt: skip
+        if daemon == "c" and (sandbox != "namespace" or readonly):
+            raise ValueError("the C virtiofsd runs here in its namespace sandbox, read-write")
+        self.daemon_kind = daemon
+        self.sandbox = sandbox
+        self.readonly = readonly
         self.kernel = kernel
         self.initramfs = initramfs
         self.accelerator = accelerator
@@ -345,13 +369,16 @@ class MicrovmShare:
         self.workdir = workdir
         self.socket = state_dir / vm / f"{vm}-virtiofs-{tag}.sock"
         self.cgroup = Cgroup.create(vm)
-        self.daemon: Virtiofsd | None = None
+        self.daemon: Virtiofsd | RustVirtiofsd | None = None
         self.guest: Guest | None = None
         declare_share(state_dir, vm, tag, source, socket=self.socket.name)
 
     def start(self) -> Tick:
         """Start virtiofsd and boot the guest; returns the guest's first complete tick."""
-        self.daemon = Virtiofsd.start(self.source, self.socket, self.cgroup, self.workdir)
+        if self.daemon_kind == "rust":
+            self.daemon = start_rust(self.source, self.socket, self.cgroup, self.workdir, self.sandbox, self.readonly)
+        else:
+            self.daemon = Virtiofsd.start(self.source, self.socket, self.cgroup, self.workdir)
         self.guest = Guest.boot(self.kernel, self.initramfs, self.socket, self.tag, self.workdir, self.accelerator)
         return self.guest.next_tick()
 
@@ -359,18 +386,38 @@ class MicrovmShare:
         assert self.guest is not None, "the guest is not running"
         return self.guest.next_tick()
 
+    def describe(self) -> str:
+        """The daemon as the docs and failure messages name it."""
+        if self.daemon_kind == "c":
+            return "QEMU's C virtiofsd, namespace sandbox"
+        return f"the Rust virtiofsd, {self.sandbox} sandbox" + (", --readonly" if self.readonly else "")
+
     def host_view(self) -> list[str]:
-        """What the kernel says each virtiofsd process of the share has as its root, for the transcript:
-        the sandboxed child's root is the generation it pivoted into ("/1//deleted" once pruned)."""
+        """What the kernel says each virtiofsd process of the share holds, for the transcript: its root (a
+        chroot, or the generation a namespace sandbox pivoted into, "/1//deleted" once pruned) and the
+        directories it holds open (an unsandboxed daemon)."""
         lines = []
         for pid in self.cgroup.pids():
             try:
                 mounts = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
                 root = os.readlink(f"/proc/{pid}/root")
+                held = []
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    try:
+                        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                        path = f"/proc/{pid}/fd/{fd}"
+                        if target.startswith("/") and not target.startswith("/proc/") and os.path.isdir(path):
+                            held.append(target)
+                    except OSError:
+                        continue
             except OSError:
                 continue
-            top = [line.split()[3] for line in mounts if line.split()[4] == "/"][-1]
-            lines.append(f"virtiofsd pid {pid}: /proc/{pid}/root -> {root}; mountinfo root {top}")
+            # Mount points are shown relative to the process's root: a chroot's may have none at "/".
+            roots = [line.split()[3] for line in mounts if line.split()[4] == "/"]
+            top = roots[-1] if roots else "(no mount at its root)"
+            directories = ", ".join(sorted(set(held))) or "none"
+            lines.append(f"virtiofsd pid {pid}: /proc/{pid}/root -> {root}; mountinfo root {top}; "
+                         f"open directories: {directories}")  # fmt: skip
         return lines
 
     def stop(self) -> None:
