@@ -48,12 +48,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from exporter import app, processes  # noqa: E402
-from exporter.cache import CachingMeasurer  # noqa: E402
-from exporter.collectors import scan_stores  # noqa: E402
-from exporter.config import Config, MicrovmConfig, StoreConfig  # noqa: E402
-from exporter.framework import Exporter  # noqa: E402
-from exporter.store import Measurer  # noqa: E402
+from sops_nix_exporter import app
+from sops_nix_exporter.readers import virtiofsd as processes  # noqa: E402
+from sops_nix_exporter.stores.cache import CachingMeasurer  # noqa: E402
+from sops_nix_exporter.collector.stores import scan_stores  # noqa: E402
+from sops_nix_exporter.config import Config, MicrovmConfig, StoreConfig  # noqa: E402
+from sops_nix_exporter.collector.frame import Exporter  # noqa: E402
+from sops_nix_exporter.stores.scan import Measurer  # noqa: E402
 
 SECRETS_PER_GENERATION = 45
 TEMPLATES_PER_GENERATION = 5
@@ -211,7 +212,7 @@ class Store:
 
 
 def wait_until_settled(seconds: float = 2.2) -> None:
-    """The cache remembers only generations quiet for two seconds (exporter/cache.py)."""
+    """The cache remembers only generations quiet for two seconds (exporter/stores/cache.py)."""
     time.sleep(seconds)
 
 
@@ -271,7 +272,7 @@ class ServedExporter:
         self.port = free_port()
         self.log = open(workdir / "exporter.log", "w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "exporter", "serve", f"--web.listen-address=127.0.0.1:{self.port}",
+            [sys.executable, "-m", "sops_nix_exporter", "serve", f"--web.listen-address=127.0.0.1:{self.port}",
              f"--config.file={config_path}"],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.log,
         )  # fmt: skip
@@ -739,7 +740,7 @@ def main() -> int:
             return 2
 
     # The in-process exporter would log the store's problems (over its memory budget, naturally): not news here.
-    logging.getLogger("exporter").setLevel(logging.CRITICAL)
+    logging.getLogger("sops_nix_exporter").setLevel(logging.CRITICAL)
     info = machine()
     print("machine: " + "; ".join(f"{k} {v}" for k, v in info.items()))
     # Clean up on Ctrl-C or kill as well: a background job ignores SIGINT unless told otherwise.

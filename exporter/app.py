@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
-from exporter.collectors import BuildInfo, SharesCollector, StoresCollector
-from exporter.config import Config
-from exporter.framework import Collector, Exporter, RegistryAdapter
+from sops_nix_exporter.collector.build_info import BuildInfo
+from sops_nix_exporter.collector.shares import SharesCollector
+from sops_nix_exporter.collector.stores import StoresCollector
+from sops_nix_exporter.config import Config
+from sops_nix_exporter.collector.frame import Collector, Exporter, RegistryAdapter
 
 
 def collectors(config: Config) -> list[Collector]:

@@ -10,14 +10,14 @@ import logging
 import signal
 import sys
 
-from exporter import __version__, app, logs
-from exporter.check import report
-from exporter.config import Config, ConfigError, load_config
-from exporter.textfile import write_atomically
-from exporter.web import DEFAULT_LISTEN_ADDRESS, ListenAddressError, WebServer
-from exporter.webconfig import WebConfigError, WebConfigSource
+from sops_nix_exporter import __version__, app, logs
+from sops_nix_exporter.check import report
+from sops_nix_exporter.config import Config, ConfigError, load_config
+from sops_nix_exporter.textfile import write_atomically
+from sops_nix_exporter.http.server import DEFAULT_LISTEN_ADDRESS, ListenAddressError, WebServer
+from sops_nix_exporter.http.webconfig import WebConfigError, WebConfigSource
 
-log = logging.getLogger("exporter")
+log = logging.getLogger("sops_nix_exporter")
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 

@@ -62,7 +62,7 @@ class JsonFormatter(logging.Formatter):
 def setup(level: str = "info", fmt: str = "logfmt") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else LogfmtFormatter())
-    root = logging.getLogger("exporter")
+    root = logging.getLogger("sops_nix_exporter")
     root.handlers[:] = [handler]
     root.setLevel(LEVELS[level])
     root.propagate = False

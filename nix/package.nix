@@ -66,7 +66,7 @@ python3Packages.buildPythonApplication {
     "tests/test_vm_e2e.py"
   ];
 
-  pythonImportsCheck = [ "exporter" ];
+  pythonImportsCheck = [ "sops_nix_exporter" ];
 
   passthru = {
     # For services.grafana.provision and services.prometheus.ruleFiles; see docs/deployment.md.

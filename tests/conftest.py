@@ -177,12 +177,12 @@ def serve(scratch):
 
 @pytest.fixture
 def as_nobody(require_root):
-    """run(*args) runs `python -m exporter ARGS` as nobody with no group and no capability at all."""
+    """run(*args) runs `python -m sops_nix_exporter ARGS` as nobody with no group and no capability at all."""
     prefix = setpriv_prefix(NOBODY)
     interpreter = unprivileged_python(NOBODY)
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*prefix, interpreter, "-m", "exporter", *args], cwd="/", env=exporter_env(),
+        return subprocess.run([*prefix, interpreter, "-m", "sops_nix_exporter", *args], cwd="/", env=exporter_env(),
                               capture_output=True, text=True, timeout=60)  # fmt: skip
 
     return run

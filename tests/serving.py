@@ -3,6 +3,7 @@ interpreter an unprivileged user can run it with."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +39,25 @@ def site_packages() -> list[str]:
     return [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
 
 
+_import_root: Path | None = None
+
+
+def import_root() -> Path:
+    """A directory in which `sops_nix_exporter` is this checkout's exporter/ (a symlink, as the installed
+    package maps it), for interpreters that do not run the venv's editable-install hook: another user's
+    Python, or one given the venv's site-packages on PYTHONPATH, where .pth files are not read. Open to every
+    user, removed when the test session ends."""
+    global _import_root
+    if _import_root is None:
+        _import_root = Path(tempfile.mkdtemp(prefix="sopsnix-import-"))
+        _import_root.chmod(0o755)
+        (_import_root / "sops_nix_exporter").symlink_to(ROOT / "exporter")
+        atexit.register(shutil.rmtree, _import_root, ignore_errors=True)
+    return _import_root
+
+
 def exporter_env() -> dict[str, str]:
-    return {"PYTHONPATH": ":".join([str(ROOT), *site_packages()]), "PATH": "/usr/bin:/bin"}
+    return {"PYTHONPATH": ":".join([str(import_root()), *site_packages()]), "PATH": "/usr/bin:/bin"}
 
 
 _interpreters: dict[int, str] = {}
@@ -52,7 +71,7 @@ def unprivileged_python(uid: int = NOBODY) -> str:
     for interpreter in (os.path.realpath(sys.executable), "/usr/bin/python3"):
         probe = subprocess.run(
             ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", interpreter, "-c",
-             "import exporter.cli, exporter.webconfig"],
+             "import sops_nix_exporter.cli, sops_nix_exporter.http.webconfig"],
             env=exporter_env(), capture_output=True, cwd="/",
         )  # fmt: skip
         if probe.returncode == 0:
@@ -161,7 +180,7 @@ def start_serving(
 ) -> Served:
     port = free_port()
     log_path = workdir / f"exporter-{port}.log"
-    cmd = [*(prefix or []), interpreter or sys.executable, "-m", "exporter", "serve",
+    cmd = [*(prefix or []), interpreter or sys.executable, "-m", "sops_nix_exporter", "serve",
            f"--web.listen-address=127.0.0.1:{port}", *flags]  # fmt: skip
     if config is not None:
         cmd.append(f"--config.file={write_yaml(workdir / f'config-{port}.yml', config)}")
@@ -188,5 +207,5 @@ def open_to_nobody(*paths: Path) -> None:
 
 def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "exporter", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "sops_nix_exporter", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
     )

@@ -1,4 +1,4 @@
-"""The generation cache (exporter/cache.py): a cached scan equals a fresh one after every kind of change.
+"""The generation cache (exporter/stores/cache.py): a cached scan equals a fresh one after every kind of change.
 
 Every test builds a real ramfs or tmpfs store, warms a CachingMeasurer on it, changes the store the way
 sops-nix, an operator or a reboot would, and compares the cached scan with a scan by a plain Measurer
@@ -27,13 +27,13 @@ from pathlib import Path
 
 import pytest
 
-from exporter import app, mountinfo
-from exporter.cache import PARALLEL_FROM, SETTLE_NS, CachingMeasurer
-from exporter.collectors import StoresCollector
-from exporter.config import Config, StoreConfig
-from exporter.framework import Exporter
-from exporter.store import Measurer, StoreScan, Usage, measure, scan_store
-from exporter.walker import walk
+from sops_nix_exporter import app, mountinfo
+from sops_nix_exporter.stores.cache import PARALLEL_FROM, SETTLE_NS, CachingMeasurer
+from sops_nix_exporter.collector.stores import StoresCollector
+from sops_nix_exporter.config import Config, StoreConfig
+from sops_nix_exporter.collector.frame import Exporter
+from sops_nix_exporter.stores.scan import Measurer, StoreScan, Usage, measure, scan_store
+from sops_nix_exporter.stores.walk import walk
 
 from sopsnix import SopsStore, du_figures, mount, umount
 
@@ -336,10 +336,10 @@ def test_the_exporter_scrapes_through_the_cache(store):
     exporter = Exporter([stores])
     stores.measurer.settle_ns = int(SETTLE_SECONDS * 1e9)
     settle()
-    first = exporter.collect().result("stores")
-    second = exporter.collect().result("stores")
+    first = exporter.collect().result(StoresCollector)
+    second = exporter.collect().result(StoresCollector)
     assert stores.measurer.walks == 3 and stores.measurer.hits == 3
-    assert first == second == Exporter([StoresCollector(config, Measurer())]).collect().result("stores")
+    assert first == second == Exporter([StoresCollector(config, Measurer())]).collect().result(StoresCollector)
 
 
 def test_a_walk_leaves_no_descriptor_open(store):
@@ -467,7 +467,7 @@ def test_helpers_that_fail_leave_the_walk_to_the_exporter(store, watch_limit, in
     pair = with_helpers(store)
     count = PARALLEL_FROM + 40
     monkeypatch.setattr("sys.executable", interpreter)
-    with caplog.at_level("WARNING", logger="exporter.cache"):
+    with caplog.at_level("WARNING", logger="sops_nix_exporter.stores.cache"):
         assert pair.scan(pair.cached) == pair.scan(Measurer())
     monkeypatch.undo()
     assert pair.cached.walks == count and pair.cached.known == count
@@ -491,8 +491,8 @@ def test_helpers_open_only_directories(store, watch_limit, scratch):
     many_generations(store)
     trace = scratch / "trace"
     script = (
-        "import sys; from exporter import mountinfo; from exporter.cache import CachingMeasurer; "
-        "from exporter.config import StoreConfig; from exporter.store import scan_store; "
+        "import sys; from sops_nix_exporter import mountinfo; from sops_nix_exporter.stores.cache import CachingMeasurer; "
+        "from sops_nix_exporter.config import StoreConfig; from sops_nix_exporter.stores.scan import scan_store; "
         "measurer = CachingMeasurer(settle_ns=0, helpers=2); "
         "scan = scan_store(StoreConfig(mountpoint=sys.argv[1], symlink=sys.argv[2]), 0, mountinfo.read(), measurer); "
         "assert measurer.helpers_started == 2 and len(scan.generations) == int(sys.argv[3])"
@@ -519,13 +519,13 @@ def test_a_helper_does_not_inherit_blocked_signals(watch_limit):
     """The exporter blocks SIGTERM and SIGINT in every thread (exporter/cli.py) and a child inherits the mask:
     a helper unblocks them first thing, so that stopping the service ends it too. It then waits for its
     request, which is when its mask is read here."""
-    from exporter import walker
+    from sops_nix_exporter.stores import walk as walker
 
     blocked = {signal.SIGTERM, signal.SIGINT}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
     try:
         helper = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", walker.HELPER_CODE, str(ROOT)],
+            [sys.executable, "-I", "-S", "-c", walker.HELPER_CODE, walker.HELPER_PATH],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         )  # fmt: skip
     finally:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter import __version__
+from sops_nix_exporter import __version__
 
 from conftest import ROOT, store_config, write_config
 from scrape import samples, series, value
@@ -393,7 +393,7 @@ def test_textfile_is_written_by_rename(store, scratch):
     trace = scratch / "trace"
     result = subprocess.run(
         [strace, "-f", "-qq", "-s", "4096", "-e", "trace=open,openat,creat,rename,renameat,renameat2", "-o", str(trace),
-         sys.executable, "-m", "exporter", "textfile", f"--config.file={config}", f"--output={output}"],
+         sys.executable, "-m", "sops_nix_exporter", "textfile", f"--config.file={config}", f"--output={output}"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     if result.returncode != 0 and "ptrace" in result.stderr:

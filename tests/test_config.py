@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.config import DEFAULT_MICROVM_STATE_DIR, Config, ConfigError, load_config
+from sops_nix_exporter.config import DEFAULT_MICROVM_STATE_DIR, Config, ConfigError, load_config
 
 from conftest import ROOT
 
@@ -65,7 +65,7 @@ INVALID = {
 
 def run_check(config: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "exporter", "check", f"--config.file={config}"],
+        [sys.executable, "-m", "sops_nix_exporter", "check", f"--config.file={config}"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
 
@@ -139,7 +139,7 @@ def test_every_command_exits_2_on_a_configuration_error(scratch, command):
     config.write_text("stores:\n" + STORE + "    keep_generations: -3\n")
     args = {"serve": ["--web.listen-address=127.0.0.1:0"], "textfile": [f"--output={scratch / 'out.prom'}"]}[command]
     result = subprocess.run(
-        [sys.executable, "-m", "exporter", command, f"--config.file={config}", *args],
+        [sys.executable, "-m", "sops_nix_exporter", command, f"--config.file={config}", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr

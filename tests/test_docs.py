@@ -3,10 +3,10 @@
 import re
 from pathlib import Path
 
-from exporter.app import collectors
-from exporter.collectors import BUILD_INFO
-from exporter.config import Config
-from exporter.framework import SCRAPE_DURATION, SCRAPE_SUCCESS
+from sops_nix_exporter.app import collectors
+from sops_nix_exporter.collector.build_info import BUILD_INFO
+from sops_nix_exporter.config import Config
+from sops_nix_exporter.collector.frame import SCRAPE_DURATION, SCRAPE_SUCCESS
 
 DOC = (Path(__file__).resolve().parent.parent / "docs" / "metrics.md").read_text()
 

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from exporter import app, processes
-from exporter.config import parse_config
+from sops_nix_exporter import app
+from sops_nix_exporter.readers import virtiofsd as processes
+from sops_nix_exporter.config import parse_config
 
 from pinning import pinner_binary, start_pinner
 from scrape import series, share, value
@@ -267,7 +268,7 @@ def test_garbage_command_lines(make_store, pinners, scratch, promtool_check, cas
 def test_vm_names_that_are_not_utf8(make_store, pinners, scratch, promtool_check):
     """A VM state directory whose name is not UTF-8: declared and running (named from its working
     directory), it must become a readable label, never break the exposition or `check`."""
-    from exporter.check import report
+    from sops_nix_exporter.check import report
 
     store = make_store("ramfs")
     state_dir = scratch / "microvms"

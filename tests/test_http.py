@@ -18,7 +18,7 @@ from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 
-from exporter import __version__
+from sops_nix_exporter import __version__
 
 from conftest import ROOT, store_config, write_config
 from scrape import samples, series, value
@@ -205,7 +205,7 @@ def test_sigterm_stops_cleanly(served_store):
 def _serve(scratch, *args: str) -> subprocess.CompletedProcess:
     config = write_config(scratch, config_data())
     return subprocess.run(
-        [sys.executable, "-m", "exporter", "serve", f"--config.file={config}", *args],
+        [sys.executable, "-m", "sops_nix_exporter", "serve", f"--config.file={config}", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=30,
     )  # fmt: skip
 
@@ -237,7 +237,7 @@ def test_ipv6_loopback(scratch):
     config = write_config(scratch, config_data())
     log = open(scratch / "exporter.log", "w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "exporter", f"--config.file={config}", f"--web.listen-address=[::1]:{port}"],
+        [sys.executable, "-m", "sops_nix_exporter", f"--config.file={config}", f"--web.listen-address=[::1]:{port}"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log,
     )  # fmt: skip
     log.close()

@@ -14,7 +14,7 @@ import pytest
 import requests
 from prometheus_client import CollectorRegistry, Gauge
 
-from exporter.web import REQUEST_TIMEOUT_SECONDS, WebServer
+from sops_nix_exporter.http.server import REQUEST_TIMEOUT_SECONDS, WebServer
 
 from scrape import value
 from sopsnix import SAMPLE_SECRETS

@@ -29,11 +29,11 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter import __version__
-from exporter.cache import PARALLEL_FROM
-from exporter.cli import parse_args
-from exporter.config import ConfigError, parse_config
-from exporter.web import parse_listen_address
+from sops_nix_exporter import __version__
+from sops_nix_exporter.stores.cache import PARALLEL_FROM
+from sops_nix_exporter.cli import parse_args
+from sops_nix_exporter.config import ConfigError, parse_config
+from sops_nix_exporter.http.server import parse_listen_address
 
 from conftest import write_config
 from nixsources import NixSourceMissing, nix_source
@@ -582,7 +582,7 @@ def test_exporter_makes_no_system_call_the_filter_blocks(make_store, pinners, sc
 
     trace = scratch / "strace.out"
     port = free_port()
-    command = [strace, "-f", "-qq", "-o", str(trace), sys.executable, "-m", "exporter", "serve",
+    command = [strace, "-f", "-qq", "-o", str(trace), sys.executable, "-m", "sops_nix_exporter", "serve",
                f"--config.file={config}", f"--web.listen-address=127.0.0.1:{port}"]  # fmt: skip
     tracer = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -630,7 +630,7 @@ def test_procsubset_pid_would_break_the_stores_collector(make_store, scratch):
     def stores_collector_with(proc_options: str) -> float:
         output = scratch / f"metrics-{proc_options or 'default'}.prom"
         mount = f"mount -t proc {'-o ' + proc_options if proc_options else ''} proc /proc"
-        script = f'{mount} && exec "$0" -m exporter textfile --config.file="$1" --output="$2"'
+        script = f'{mount} && exec "$0" -m sops_nix_exporter textfile --config.file="$1" --output="$2"'
         result = subprocess.run(
             [unshare, "--mount", "--pid", "--fork", "--propagation", "private", "sh", "-c", script,
              sys.executable, str(config), str(output)],

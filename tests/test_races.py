@@ -121,7 +121,7 @@ def test_switch_and_prune_while_scraping(make_store, pinners, scratch, serve):
     previous_current, previous_end = 0, 0.0
     ordered = sorted(scrapes, key=lambda s: s[0])
     for start, end, status, text in ordered:
-        # Concurrent scrapes share the collection in flight (exporter/framework.py): this one's may have
+        # Concurrent scrapes share the collection in flight (exporter/collector/frame.py): this one's may have
         # begun with a scrape that was already running when this one was sent.
         began = min([start] + [other[0] for other in ordered if other[0] <= start <= other[1]])
         assert status == 200, text

@@ -208,7 +208,7 @@ def test_no_secret_in_any_output(make_store, pinners, scratch, serve, log_format
     output_dir.chmod(0o777)
     for command in (["check"], ["textfile", f"--output={output_dir / 'out.prom'}"]):
         result = subprocess.run(
-            [*prefix, interpreter, "-m", "exporter", *command, f"--config.file={config_path}", *flags],
+            [*prefix, interpreter, "-m", "sops_nix_exporter", *command, f"--config.file={config_path}", *flags],
             env=exporter_env(), cwd="/", capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert result.returncode in (0, 1), result.stderr

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from exporter import app, processes
-from exporter.check import report
-from exporter.config import parse_config
+from sops_nix_exporter import app
+from sops_nix_exporter.readers import proc as procfs
+from sops_nix_exporter.readers import virtiofsd as processes
+from sops_nix_exporter.check import report
+from sops_nix_exporter.config import parse_config
 
 from pinning import REAL_RUST_MODES, declare_share, start_pinner
 from scrape import samples
@@ -292,13 +294,13 @@ def test_process_that_exits_mid_scan(make_store, pinners, scratch):
     config = parse_config(config_for(store, scratch / "microvms"))
     exporter, _ = app.build(config, process_metrics=False)
     stores = exporter.collect().runs["stores"].result.stores
-    from exporter.shares import store_identity
+    from sops_nix_exporter.readers.shares import store_identity
 
     identity = store_identity(stores[0])
-    assert processes.inspect(pinner.pid, identity, processes.own_root()).generation == 1
+    assert processes.inspect(pinner.pid, identity, procfs.own_root()).generation == 1
     pinner.stop()  # killed and reaped: its /proc entry is gone, as when it exits between listing and reading
     with pytest.raises(ProcessLookupError):
-        processes.inspect(pinner.pid, identity, processes.own_root())
+        processes.inspect(pinner.pid, identity, procfs.own_root())
 
     # And for real, many times: virtiofsd processes that live a few milliseconds while scans run. A fixed
     # count, each ended and its pipes closed as soon as its scan is done, whatever the machine's speed.
@@ -355,7 +357,7 @@ def test_scan_without_privileges_uses_mountinfo_and_names_the_missing_capability
     out.mkdir(mode=0o777)
     out.chmod(0o777)
     result = subprocess.run(
-        [*setpriv_prefix(NOBODY, groups=(keys_gid,)), unprivileged_python(), "-m", "exporter", "textfile",
+        [*setpriv_prefix(NOBODY, groups=(keys_gid,)), unprivileged_python(), "-m", "sops_nix_exporter", "textfile",
          f"--config.file={config_path}", f"--output={out}/metrics.prom"],
         env=exporter_env(), capture_output=True, text=True, cwd="/",
     )  # fmt: skip

@@ -3,7 +3,7 @@
 Every expected figure comes from outside the exporter: byte and file counts from find(1) (du_figures),
 filesystem types from findmnt(8), host memory from /proc/meminfo, generation numbers from how the test
 built the store. The golden expositions (tests/golden/, see its README) pin the whole output of
-`python -m exporter textfile` for a fixed fixture.
+`python -m sops_nix_exporter textfile` for a fixed fixture.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from exporter import app, logs
-from exporter.check import report
-from exporter.collectors import StoresCollector, scan_stores
-from exporter.config import Config, StoreConfig
-from exporter.framework import Collector, Exporter, MetricSpec, RegistryAdapter
-from exporter.store import Measurer, SymlinkState
+from sops_nix_exporter import app, logs
+from sops_nix_exporter.check import report
+from sops_nix_exporter.collector.stores import StoresCollector, scan_stores
+from sops_nix_exporter.config import Config, StoreConfig
+from sops_nix_exporter.collector.frame import Collector, Exporter, MetricSpec, RegistryAdapter
+from sops_nix_exporter.stores.scan import Measurer, SymlinkState
 
 from conftest import ROOT, store_config, write_config
 from scrape import series, value
@@ -475,7 +475,7 @@ class FailingCollector(Collector):
 @pytest.fixture
 def exporter_log(monkeypatch):
     """The exporter's log as JSON lines, set up the way the CLI does it; the logger is restored afterwards."""
-    logger = logging.getLogger("exporter")
+    logger = logging.getLogger("sops_nix_exporter")
     saved = (logger.handlers[:], logger.level, logger.propagate)
     stream = io.StringIO()
 
@@ -565,7 +565,7 @@ def test_never_opens_a_file_in_the_store(store, scratch):
     config = write_config(scratch, config_data(store_config(store)))
     trace = scratch / "trace"
     cmd = [strace, "-f", "-qq", "-s", "4096", "-e", "trace=open,openat,openat2,creat", "-o", str(trace),
-           sys.executable, "-m", "exporter", "textfile", f"--config.file={config}",
+           sys.executable, "-m", "sops_nix_exporter", "textfile", f"--config.file={config}",
            f"--output={scratch / 'o.prom'}"]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     if result.returncode != 0 and "ptrace" in result.stderr:

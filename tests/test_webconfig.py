@@ -359,7 +359,7 @@ PROCESS_CASES = {"not-yaml", "unknown-key", "key-mismatch", "plain-password", "v
 
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_bad_web_config(pki, password_hash, scratch, case):
-    from exporter.webconfig import WebConfigError, WebConfigSource
+    from sops_nix_exporter.http.webconfig import WebConfigError, WebConfigSource
 
     content, expected = _bad_configs(pki, password_hash)[case]
     path = scratch / "web.yml"
@@ -376,7 +376,7 @@ def test_bad_web_config(pki, password_hash, scratch, case):
     if case in PROCESS_CASES:
         config = write_yaml(scratch / "config.yml", {"stores": []})
         result = subprocess.run(
-            [sys.executable, "-m", "exporter", "serve", "--web.listen-address=127.0.0.1:0", f"--config.file={config}",
+            [sys.executable, "-m", "sops_nix_exporter", "serve", "--web.listen-address=127.0.0.1:0", f"--config.file={config}",
              f"--web.config.file={path}"], env=exporter_env(), capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert result.returncode == 2, result.stderr
@@ -385,7 +385,7 @@ def test_bad_web_config(pki, password_hash, scratch, case):
 
 def test_missing_web_config_file(scratch):
     result = subprocess.run(
-        [sys.executable, "-m", "exporter", "serve", "--web.listen-address=127.0.0.1:0",
+        [sys.executable, "-m", "sops_nix_exporter", "serve", "--web.listen-address=127.0.0.1:0",
          f"--web.config.file={scratch / 'nope.yml'}"], env=exporter_env(), capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 2

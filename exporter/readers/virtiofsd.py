@@ -1,4 +1,4 @@
-"""Finding virtiofsd processes and reading what each one really holds, from /proc alone.
+"""virtiofsd processes: their command lines (both syntaxes), and what each one really holds, from /proc alone.
 
 virtiofsd resolves its shared directory once, at start (the C one: when its VM first connects), and keeps
 serving that directory. What it holds is therefore the kernel's answer, not the command line's:
@@ -16,22 +16,14 @@ answer is still used, and the rest is reported as denied.
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass
 
-from exporter import mountinfo
-from exporter.store import generation_number
+from sops_nix_exporter.readers import proc as procfs
+from sops_nix_exporter.stores.scan import generation_number
 
 COMMAND_NAME = "virtiofsd"
 DELETED_MOUNTINFO_SUFFIX = "//deleted"
 DELETED_LINK_SUFFIX = " (deleted)"
-
-
-@dataclass(frozen=True, slots=True)
-class Process:
-    pid: int
-    ppid: int
-    argv: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,49 +33,6 @@ class Command:
     source: str
     socket: str | None
     sandbox: str
-
-
-def _read(path: str, limit: int = 65536) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.read(fd, limit)
-    finally:
-        os.close(fd)
-
-
-def find(proc: str = "/proc", name: str = COMMAND_NAME) -> list[Process]:
-    """Every process whose command name is `name`. The name is read first and alone, so the cost of a
-    host with thousands of other processes is one small read each; processes that exit meanwhile are
-    simply not there."""
-    found = []
-    expected = (name + "\n").encode()
-    for entry in os.listdir(proc):
-        if not entry.isdigit():
-            continue
-        try:
-            if _read(f"{proc}/{entry}/comm", 64) != expected:
-                continue
-            argv = _read(f"{proc}/{entry}/cmdline").split(b"\0")
-            status = _read(f"{proc}/{entry}/stat", 4096)
-        except OSError:
-            continue  # exited, or not ours to read
-        # The command name in stat is in parentheses and may itself contain ") ": parse after the last one.
-        try:
-            ppid = int(status[status.rindex(b")") + 2 :].split()[1])
-        except (ValueError, IndexError):
-            continue
-        if argv and argv[-1] == b"":
-            argv.pop()
-        found.append(
-            Process(
-                pid=int(entry),
-                ppid=ppid,
-                # Bytes that are not UTF-8 become visible escapes (\xff): these strings end up in labels,
-                # which must be UTF-8, and a store's path (from the UTF-8 configuration) is never among them.
-                argv=tuple(a.decode("utf-8", "backslashreplace") for a in argv),
-            )
-        )
-    return found
 
 
 def _options(text: str) -> dict[str, str]:
@@ -205,22 +154,15 @@ def _from_stat(st: os.stat_result, link: str | None, store: StoreIdentity, metho
     return Held(method, generation=parsed_number, deleted=deleted, device=st.st_dev, inode=st.st_ino)
 
 
-def _readlink(path: str) -> str | None:
-    try:
-        return os.readlink(path)
-    except OSError:
-        return None
-
-
 def inspect(pid: int, store: StoreIdentity, own_root: tuple[int, int], proc: str = "/proc") -> Held:
     """What pid holds in store. Raises ProcessLookupError when the process is gone."""
     denied = False
 
     # 1. Its root directory: a chroot, or the directory a namespace sandbox pivoted into.
     try:
-        st = os.stat(f"{proc}/{pid}/root")
+        st, link = procfs.root(pid, proc)
         if (st.st_dev, st.st_ino) != own_root:
-            held = _from_stat(st, _readlink(f"{proc}/{pid}/root"), store, "root")
+            held = _from_stat(st, link, store, "root")
             if held is not None:
                 if held.generation is None and not held.whole_store:
                     # Deleted and its path unreachable from here: the mount table still names it.
@@ -228,8 +170,8 @@ def inspect(pid: int, store: StoreIdentity, own_root: tuple[int, int], proc: str
                 return held
     except PermissionError:
         denied = True
-    except FileNotFoundError:
-        raise ProcessLookupError(pid) from None
+    except ProcessLookupError:
+        raise
     except OSError:
         pass
 
@@ -239,26 +181,11 @@ def inspect(pid: int, store: StoreIdentity, own_root: tuple[int, int], proc: str
         return held
 
     # 3. Open directory descriptors: what an unsandboxed virtiofsd keeps.
-    try:
-        descriptors = os.listdir(f"{proc}/{pid}/fd")
-    except PermissionError:
-        descriptors = []
-        denied = True
-    except FileNotFoundError:
-        raise ProcessLookupError(pid) from None
+    directories, closed = procfs.open_directories(pid, proc)
+    denied = denied or closed
     best: Held | None = None
-    for fd in descriptors:
-        path = f"{proc}/{pid}/fd/{fd}"
-        try:
-            st = os.stat(path)
-        except PermissionError:
-            denied = True
-            continue
-        except OSError:
-            continue
-        if not stat.S_ISDIR(st.st_mode):
-            continue
-        held = _from_stat(st, _readlink(path), store, "fd")
+    for st, link in directories:
+        held = _from_stat(st, link, store, "fd")
         if held is not None and (best is None or (best.generation is None and held.generation is not None)):
             best = held
     if best is not None:
@@ -266,13 +193,13 @@ def inspect(pid: int, store: StoreIdentity, own_root: tuple[int, int], proc: str
     return Held("denied" if denied else "unpinned")
 
 
+def find(proc: str = "/proc") -> list[procfs.Process]:
+    return procfs.find(proc, COMMAND_NAME)
+
+
 def _from_mountinfo(pid: int, store: StoreIdentity, proc: str) -> Held | None:
-    try:
-        with open(f"{proc}/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            mounts = mountinfo.parse(f.read())
-    except FileNotFoundError:
-        raise ProcessLookupError(pid) from None
-    except OSError:
+    mounts = procfs.mounts(pid, proc)
+    if mounts is None:
         return None
     roots = [m for m in mounts if m.mount_point == "/"]
     if not roots or roots[-1].device not in store.devices:
@@ -284,23 +211,3 @@ def _from_mountinfo(pid: int, store: StoreIdentity, proc: str) -> Held | None:
     if number is None:
         return None
     return Held("mountinfo", generation=number, deleted=deleted, device=top.device)
-
-
-def own_root() -> tuple[int, int]:
-    st = os.stat("/")
-    return st.st_dev, st.st_ino
-
-
-CAPABILITIES = {"CAP_DAC_READ_SEARCH": 2, "CAP_SYS_PTRACE": 19}
-
-
-def effective_capabilities(proc: str = "/proc") -> dict[str, bool]:
-    """The capabilities that decide what the exporter can see, from its own CapEff."""
-    try:
-        for line in _read(f"{proc}/self/status").decode().splitlines():
-            if line.startswith("CapEff:"):
-                mask = int(line.split()[1], 16)
-                return {name: bool(mask >> bit & 1) for name, bit in CAPABILITIES.items()}
-    except (OSError, ValueError):
-        pass
-    return {name: False for name in CAPABILITIES}

@@ -12,9 +12,9 @@ import stat
 from dataclasses import dataclass, field
 from enum import Enum
 
-from exporter import mountinfo
-from exporter.config import StoreConfig
-from exporter.walker import GenerationVanished, error_reason, walk
+from sops_nix_exporter import mountinfo
+from sops_nix_exporter.config import StoreConfig
+from sops_nix_exporter.stores.walk import GenerationVanished, error_reason, walk
 
 
 class SymlinkState(str, Enum):

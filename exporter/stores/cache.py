@@ -43,7 +43,6 @@ Nothing here opens a file: directories are opened to be listed (O_NOFOLLOW), fil
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import marshal
@@ -52,10 +51,10 @@ import stat
 import struct
 import subprocess
 import sys
-import weakref
 
-from exporter import walker
-from exporter.store import GenerationVanished, Measurer, Usage
+from sops_nix_exporter.stores import walk as walker
+from sops_nix_exporter.stores.inotify import WATCH_MASK, Inotify
+from sops_nix_exporter.stores.scan import GenerationVanished, Measurer, Usage
 
 # A directory changed this recently may still be being written to: walk it again rather than remember it.
 SETTLE_NS = 2_000_000_000
@@ -65,64 +64,6 @@ SETTLE_NS = 2_000_000_000
 _IDENTITY = struct.Struct("=QQqq")
 
 log = logging.getLogger(__name__)
-
-# inotify(7): every change to a directory's entries, to a file in it (IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE on a
-# directory watch report those of the files it holds), or to the directory itself.
-IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x2, 0x4, 0x8
-IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200
-IN_DELETE_SELF, IN_MOVE_SELF = 0x400, 0x800
-IN_Q_OVERFLOW = 0x4000
-IN_ONLYDIR, IN_DONT_FOLLOW = 0x01000000, 0x02000000
-_WATCH_MASK = (
-    IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE
-    | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR | IN_DONT_FOLLOW
-)  # fmt: skip
-_EVENT = struct.Struct("=iIII")  # wd, mask, cookie, len; then len bytes of name
-
-
-class Inotify:
-    """An inotify instance through libc (ctypes): watch directories, read which watches saw something."""
-
-    def __init__(self) -> None:
-        self._libc = ctypes.CDLL(None, use_errno=True)
-        fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if fd < 0:
-            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-        self.fd = fd
-        self._finalizer = weakref.finalize(self, os.close, fd)
-
-    def watch(self, path: str) -> int:
-        """Watch the directory at path (never a symlink's target), returning the watch descriptor."""
-        wd = self._libc.inotify_add_watch(self.fd, os.fsencode(path), _WATCH_MASK)
-        if wd < 0:
-            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-        return wd
-
-    def unwatch(self, wd: int) -> None:
-        self._libc.inotify_rm_watch(self.fd, wd)  # EINVAL when the kernel already dropped it: nothing to do
-
-    def read(self) -> tuple[set[int], bool]:
-        """The watches that reported anything since the last read (IN_IGNORED and IN_UNMOUNT too), and whether
-        the queue overflowed (then events were lost: every watch must be taken as having reported)."""
-        seen: set[int] = set()
-        overflowed = False
-        while True:
-            try:
-                data = os.read(self.fd, 65536)
-            except BlockingIOError:
-                return seen, overflowed
-            offset = 0
-            while offset < len(data):
-                wd, mask, _, length = _EVENT.unpack_from(data, offset)
-                offset += _EVENT.size + length
-                if mask & IN_Q_OVERFLOW:
-                    overflowed = True
-                else:
-                    seen.add(wd)
-
-    def close(self) -> None:
-        self._finalizer()
-
 
 class _Known:
     """One generation as last walked: its usage and the directories whose identity vouches for it."""
@@ -141,9 +82,6 @@ class _Known:
 # an interpreter (about 20 ms) costs more than it saves.
 PARALLEL_FROM = 200
 MAX_HELPERS = 3
-
-# The directory holding the exporter package, from which a helper imports exporter.walker.
-_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(walker.__file__)))
 
 
 def _usable_cpus() -> int:
@@ -411,7 +349,7 @@ class CachingMeasurer(Measurer):
             group_name,
             [(path.rpartition("/")[2], st.st_dev) for path, st in chunk],
             inotify_fd,
-            _WATCH_MASK,
+            WATCH_MASK,
             watches,
             self._limit_reached,
         ))  # fmt: skip
@@ -419,7 +357,7 @@ class CachingMeasurer(Measurer):
             if not sys.executable:
                 raise OSError(errno.ENOENT, "the interpreter's path is unknown (sys.executable is empty)")
             process = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", walker.HELPER_CODE, _PACKAGE_PARENT],
+                [sys.executable, "-I", "-S", "-c", walker.HELPER_CODE, walker.HELPER_PATH],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,

@@ -127,9 +127,16 @@ def walk(path: str, device: int, errors: dict[str, int], opening: Callable[[str]
 
 # --- a helper process ---------------------------------------------------------------------------------------
 
-# What the exporter runs: a bare interpreter (-I: no environment, no user site; -S: no site packages) that
-# imports this module from the directory holding the exporter package (argv[1]).
-HELPER_CODE = "import sys; sys.path.insert(0, sys.argv[1]); from exporter.walker import serve_helper; serve_helper()"
+# What the exporter runs: a bare interpreter (-I: no environment, no user site; -S: no site packages) given
+# this file's path (argv[1]). It loads this file's folder as a package of its own and this module from it, by
+# path: no line names the installed package, whatever its name, and stores/__init__.py imports nothing.
+HELPER_PATH = os.path.abspath(__file__)
+HELPER_CODE = (
+    "import sys, importlib, importlib.util as u, os.path as p; d = p.dirname(sys.argv[1]); "
+    "s = u.spec_from_file_location('stores', p.join(d, '__init__.py'), submodule_search_locations=[d]); "
+    "m = u.module_from_spec(s); sys.modules['stores'] = m; s.loader.exec_module(m); "
+    "importlib.import_module('stores.walk').serve_helper()"
+)
 
 WALKED, VANISHED = 0, 1
 
@@ -168,20 +175,6 @@ def walk_for_exporter(
     return WALKED, started_ns, files, blocks, size, complete, errors, relatives, signature, added, why_stopped
 
 
-def _inotify_watcher(fd: int, mask: int) -> Callable[[str], int]:
-    import ctypes  # only when watching: it costs a helper a few milliseconds to import
-
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def place(path: str) -> int:
-        wd = libc.inotify_add_watch(fd, os.fsencode(path), mask)
-        if wd < 0:
-            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-        return wd
-
-    return place
-
-
 def serve_helper() -> None:
     """A helper's main: read one request from stdin, walk, write the results to stdout, exit.
 
@@ -197,7 +190,11 @@ def serve_helper() -> None:
         # must still end with the service when systemd stops it.
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
         group, generations, inotify_fd, mask, watch_cap, limit_reason = marshal.load(sys.stdin.buffer)
-        place_watch = _inotify_watcher(inotify_fd, mask) if inotify_fd >= 0 and watch_cap > 0 else None
+        place_watch = None
+        if inotify_fd >= 0 and watch_cap > 0:
+            from . import inotify  # only when watching: ctypes costs a helper a few milliseconds
+
+            place_watch = inotify.watcher(inotify_fd, mask)
         results = []
         for name, device in generations:
             result = walk_for_exporter(group + "/" + name, device, place_watch, watch_cap, limit_reason)

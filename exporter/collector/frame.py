@@ -1,7 +1,8 @@
 """The frame every collector runs in, in the manner of node_exporter.
 
-A collector reads the system in scan() and returns plain typed values; families() turns those values into
-metric families without any I/O. The frame times each collector, turns an exception into
+A collector is a Collector[R]: it reads the system in scan() and returns a typed result R; families(R) turns
+it into metric families and problems(R) into findings, both without any I/O, and summary(R) into the lines
+`check` prints. The frame times each collector, turns an exception into
 sopsnix_scrape_collector_success{collector} = 0 with the reason logged (once), and leaves every other
 collector's output intact. Concurrent scrapes share one collection in flight instead of each starting
 their own.
@@ -15,14 +16,14 @@ import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector as RegistryCollector
 
-from exporter.logs import describe_exception
+from sops_nix_exporter.logs import describe_exception
 
-log = logging.getLogger("exporter")
+log = logging.getLogger("sops_nix_exporter")
 
 
 @dataclass(frozen=True)
@@ -50,31 +51,44 @@ class Problem:
     severity: str = "warning"  # critical, warning (both make `check` exit 1) or info
 
 
-class Collector:
+R = TypeVar("R")
+
+
+class Collector(Generic[R]):
     """One concern. Subclasses set name and metrics, and implement scan() and families()."""
 
     name: ClassVar[str]
     metrics: ClassVar[tuple[MetricSpec, ...]]
 
-    def scan(self, snapshot: Snapshot) -> Any:
+    def scan(self, snapshot: Snapshot) -> R:
         raise NotImplementedError
 
-    def families(self, result: Any) -> Iterator[Metric]:
+    def families(self, result: R) -> Iterator[Metric]:
         raise NotImplementedError
 
-    def problems(self, result: Any) -> Iterable[Problem]:
+    def problems(self, result: R) -> Iterable[Problem]:
+        return ()
+
+    def summary(self, result: R) -> Iterable[str]:
+        """Lines `check` prints about what was found, before the findings."""
         return ()
 
 
 @dataclass
 class CollectorRun:
-    name: str
+    """One collector's part of a collection."""
+
+    collector: Collector[Any]
     success: bool
     duration_seconds: float
     result: Any = None
     error: str | None = None
     families: list[Metric] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.collector.name
 
 
 @dataclass
@@ -83,11 +97,11 @@ class Snapshot:
 
     runs: dict[str, CollectorRun] = field(default_factory=dict)
 
-    def result(self, collector_name: str) -> Any:
+    def result(self, collector: type[Collector[R]]) -> R:
         """The result of an earlier collector; raises if it failed, so the dependent collector fails too."""
-        run = self.runs.get(collector_name)
+        run = self.runs.get(collector.name)
         if run is None or not run.success:
-            raise RuntimeError(f"needs the {collector_name} collector, which failed")
+            raise RuntimeError(f"needs the {collector.name} collector, which failed")
         return run.result
 
 
@@ -137,7 +151,7 @@ class Exporter:
         snapshot = Snapshot()
         for collector in self.collectors:
             start = time.perf_counter()
-            run = CollectorRun(name=collector.name, success=False, duration_seconds=0.0)
+            run = CollectorRun(collector=collector, success=False, duration_seconds=0.0)
             try:
                 run.result = collector.scan(snapshot)
                 run.families = list(collector.families(run.result))

@@ -49,7 +49,7 @@ from pydantic import (
     model_validator,
 )
 
-from exporter.config import read_yaml, validate
+from sops_nix_exporter.config import read_yaml, validate
 
 CLIENT_AUTH_TYPES = {
     "NoClientCert": ssl.CERT_NONE,

@@ -24,10 +24,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from exporter import __version__
-from exporter.webconfig import BasicAuth, TokenBucket, WebConfigError, WebConfigSource, WebSettings
+from sops_nix_exporter import __version__
+from sops_nix_exporter.http.webconfig import BasicAuth, TokenBucket, WebConfigError, WebConfigSource, WebSettings
 
-log = logging.getLogger("exporter.web")
+log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9785
 DEFAULT_LISTEN_ADDRESS = f":{DEFAULT_PORT}"

@@ -1,0 +1,210 @@
+"""The shares collector: which VM serves which generation of each store, and what the next switch does to it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import Metric
+
+from sops_nix_exporter.collector.frame import Collector, MetricSpec, Problem, Snapshot
+from sops_nix_exporter.collector.stores import MP, StoresCollector
+from sops_nix_exporter.config import Config
+from sops_nix_exporter.readers.shares import FILE_HANDLE, Share, SharesResult, scan_shares
+from sops_nix_exporter.stores.scan import StoreScan
+
+SHARE = ("vm", "share", "mountpoint")
+PROC_CAPABILITIES = ("CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH")
+
+VM_SHARE_INFO = MetricSpec(
+    "sopsnix_vm_share_info",
+    "1 for every VM share of a secrets store, with its source path and virtiofsd sandbox mode.",
+    ("vm", "share", "mountpoint", "source", "sandbox"),
+)
+VM_SHARE_UP = MetricSpec(
+    "sopsnix_vm_share_up", "1 if a virtiofsd serves the share, 0 if it is declared but nothing serves it.", SHARE
+)
+VM_SERVING_GENERATION = MetricSpec(
+    "sopsnix_vm_serving_generation", "The generation number the share serves to its VM.", SHARE
+)
+VM_SERVING_STALE = MetricSpec(
+    "sopsnix_vm_serving_stale_generation", "1 if the share serves a generation other than the current one.", SHARE
+)
+VM_SERVING_DELETED = MetricSpec(
+    "sopsnix_vm_serving_deleted_generation",
+    "1 if the generation the share serves has been deleted: the guest sees an empty directory.",
+    SHARE,
+)
+VM_GENERATIONS_BEHIND = MetricSpec(
+    "sopsnix_vm_generations_behind", "Current generation minus the generation the share serves.", SHARE
+)
+VM_PRUNED_ON_NEXT_SWITCH = MetricSpec(
+    "sopsnix_vm_share_pruned_on_next_switch",
+    "1 if the store's keep_generations is set and the next activation will delete the served generation.",
+    SHARE,
+)
+VM_SHARE_DETECTION = MetricSpec(
+    "sopsnix_vm_share_detection",
+    "1, with how the served generation was found: root, mountinfo, fd, unpinned (virtiofsd holds nothing "
+    "yet), denied (needs CAP_SYS_PTRACE), file_handle (an unsandboxed virtiofsd holds it as a file handle: "
+    "unknown) or down.",
+    ("vm", "share", "mountpoint", "method"),
+)
+PINNED_GENERATIONS = MetricSpec(
+    "sopsnix_pinned_generations", "Distinct generations of the store that some running share serves.", MP
+)
+RECOMMENDED_KEEP = MetricSpec(
+    "sopsnix_recommended_keep_generations",
+    "The smallest keepGenerations under which the next switch deletes no generation a running share serves.",
+    MP,
+)
+CAPABILITY = MetricSpec(
+    "sopsnix_exporter_capability",
+    "1 if the exporter holds the capability it needs to see every share (CAP_SYS_PTRACE: other processes' "
+    "root and descriptors; CAP_DAC_READ_SEARCH: closed directories), else 0.",
+    ("capability",),
+)
+
+
+class SharesCollector(Collector[SharesResult]):
+    """The VM shares of the stores and the generation each one serves.
+
+        sopsnix_vm_share_info{mountpoint="/run/secrets.d",sandbox="namespace",share="secrets",source="/run/secrets",vm="web"} 1.0
+        sopsnix_vm_share_up{mountpoint="/run/secrets.d",share="secrets",vm="web"} 1.0
+        sopsnix_vm_serving_generation{mountpoint="/run/secrets.d",share="secrets",vm="web"} 4.0
+        sopsnix_vm_serving_stale_generation{mountpoint="/run/secrets.d",share="secrets",vm="web"} 1.0
+        sopsnix_vm_serving_deleted_generation{mountpoint="/run/secrets.d",share="secrets",vm="web"} 0.0
+        sopsnix_vm_generations_behind{mountpoint="/run/secrets.d",share="secrets",vm="web"} 1.0
+        sopsnix_recommended_keep_generations{mountpoint="/run/secrets.d"} 3.0
+    """
+
+    name = "shares"
+    metrics = (
+        VM_SHARE_INFO, VM_SHARE_UP, VM_SERVING_GENERATION, VM_SERVING_STALE, VM_SERVING_DELETED,
+        VM_GENERATIONS_BEHIND, VM_PRUNED_ON_NEXT_SWITCH, VM_SHARE_DETECTION, PINNED_GENERATIONS, RECOMMENDED_KEEP,
+        CAPABILITY,
+    )  # fmt: skip
+
+    def __init__(self, config: Config, proc: str = "/proc") -> None:
+        self.config = config
+        self.proc = proc
+
+    def scan(self, snapshot: Snapshot) -> SharesResult:
+        stores = snapshot.result(StoresCollector)
+        return scan_shares([s for s in stores.stores if s.up], self.config.microvm.state_dir, self.proc)
+
+    def families(self, result: SharesResult) -> Iterator[Metric]:
+        shares = result.shares
+        known = [s for s in shares if s.verdict.known]
+
+        def each(selected, value):
+            return [((s.vm, s.share, s.mountpoint), float(value(s))) for s in selected]
+
+        yield VM_SHARE_INFO.family(((s.vm, s.share, s.mountpoint, s.source, s.sandbox), 1.0) for s in shares)
+        yield VM_SHARE_UP.family(each(shares, lambda s: s.up))
+        yield VM_SERVING_GENERATION.family(each([s for s in shares if s.served_generation is not None],
+                                                lambda s: s.served_generation))  # fmt: skip
+        yield VM_SERVING_STALE.family(each(known, lambda s: s.verdict.stale))
+        yield VM_SERVING_DELETED.family(each(known, lambda s: s.verdict.deleted))
+        yield VM_GENERATIONS_BEHIND.family(each([s for s in shares if s.verdict.generations_behind is not None],
+                                                lambda s: s.verdict.generations_behind))  # fmt: skip
+        yield VM_PRUNED_ON_NEXT_SWITCH.family(each([s for s in shares if s.verdict.pruned_on_next_switch is not None],
+                                                   lambda s: s.verdict.pruned_on_next_switch))  # fmt: skip
+        yield VM_SHARE_DETECTION.family(((s.vm, s.share, s.mountpoint, s.method), 1.0) for s in shares)
+        yield PINNED_GENERATIONS.family(((g.store.mountpoint,), float(len(g.pinned_generations))) for g in result.stores)
+        yield RECOMMENDED_KEEP.family(((g.store.mountpoint,), float(g.recommended_keep_generations))
+                                      for g in result.stores if g.recommended_keep_generations is not None)  # fmt: skip
+        yield CAPABILITY.family(((name,), float(held)) for name, held in sorted(result.capabilities.items()))
+
+    def problems(self, result: SharesResult) -> Iterator[Problem]:
+        for group in result.stores:
+            for share in group.shares:
+                yield from share_problems(share, group.store)
+        # /proc/PID/root needs the ptrace check; /proc/PID/fd (a root-owned 0500 directory) needs both.
+        if result.unreadable_processes and not all(result.capabilities.get(c) for c in PROC_CAPABILITIES):
+            yield Problem(
+                "ptrace",
+                f"{result.unreadable_processes} virtiofsd process(es) could not be inspected: reading another "
+                "process's root needs CAP_SYS_PTRACE, and its descriptors CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH",
+                "grant the exporter AmbientCapabilities=CAP_SYS_PTRACE CAP_DAC_READ_SEARCH",
+            )
+
+
+    def summary(self, result: SharesResult) -> Iterator[str]:
+        for group in result.stores:
+            for share in group.shares:
+                yield share_summary(share, group.store)
+
+
+def share_problems(share: Share, store: StoreScan) -> Iterator[Problem]:
+    """The verdict on one share and its fix, shared by the log and `check`.
+
+    Never "share the store's mount point": that hands the guest every generation of every secret, and
+    sops-nix's private key (age-keys.txt, which it writes into the mount point). docs/runbooks.md says why.
+    """
+    who = f"VM {share.vm} share {share.share} ({share.mountpoint})"
+    key = f"{share.vm}/{share.share}/{share.mountpoint}"
+    # microvm-virtiofsd@VM is PartOf microvm@VM: restarting the VM restarts its virtiofsd, which resolves
+    # the symlink again. Restarting the virtiofsd alone is not enough: a running guest does not reconnect.
+    restart = f"restart microvm@{share.vm} (restarts its virtiofsd too) to serve the current generation"
+    if not share.up:
+        # supervisord, the unit's main process, can outlive the virtiofsd that died: `start` does nothing then.
+        yield Problem(f"{key}:down", f"{who}: declared, but no virtiofsd serves it: the VM has no secrets",
+                      f"restart microvm@{share.vm}, which restarts microvm-virtiofsd@{share.vm} too (starting "
+                      f"microvm-virtiofsd@{share.vm} does nothing while its supervisord runs)",
+                      severity="critical")  # fmt: skip
+        return
+    if share.held is not None and share.held.method == "denied":
+        yield Problem(f"{key}:denied", f"{who}: cannot tell which generation it serves (needs CAP_SYS_PTRACE, "
+                      "and CAP_DAC_READ_SEARCH for an unsandboxed virtiofsd)",
+                      "grant the exporter CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH")  # fmt: skip
+        return
+    if share.held is not None and share.held.method == FILE_HANDLE:
+        yield Problem(f"{key}:file_handle", f"{who}: cannot tell which generation it serves: its unsandboxed "
+                      "virtiofsd holds the shared directory as a file handle, which /proc does not show",
+                      f"run it in virtiofsd's default namespace sandbox (drop --sandbox=none from "
+                      f"microvm.virtiofsd.extraArgs), or set microvm.virtiofsd.inodeFileHandles = \"never\"; "
+                      f"then restart microvm@{share.vm}")  # fmt: skip
+        return
+    if share.held is not None and share.held.whole_store:
+        symlink = store.symlink
+        yield Problem(f"{key}:whole_store", f"{who}: shares the store's mount point, not its symlink: the guest "
+                      "can read every generation the host keeps and sops-nix's key file (age-keys.txt) if one "
+                      "is there",
+                      f"share {symlink} instead and restart microvm@{share.vm}; treat a key the guest could "
+                      "read as known to it")  # fmt: skip
+        return
+    served = share.served_generation
+    current = store.current.number if store.current else None
+    verdict = share.verdict
+    if verdict.deleted:
+        yield Problem(f"{key}:deleted", f"{who}: serves generation {served if served is not None else '?'}, "
+                      "which was deleted: the guest sees an empty directory", restart, severity="critical")  # fmt: skip
+        return
+    if verdict.pruned_on_next_switch:
+        keep = verdict.keep_to_spare
+        keep_text = f"set sops.keepGenerations = {keep}" if keep is not None else "raise sops.keepGenerations"
+        yield Problem(f"{key}:pruned_next", f"{who}: serves generation {served}, which the next switch deletes "
+                      f"(keepGenerations = {store.keep_generations})",
+                      f"{keep_text}, or 0 to never prune (each kept generation costs memory, and the VM reads "
+                      f"stale secrets until restarted), or restart microvm@{share.vm} right after each "
+                      "switch")  # fmt: skip
+    if verdict.stale:
+        yield Problem(f"{key}:stale", f"{who}: serves generation {served}, current is {current}: "
+                      "the VM does not see rotated secrets", restart)  # fmt: skip
+
+
+def share_summary(share: Share, store: StoreScan) -> str:
+    who = f"VM {share.vm} share {share.share} ({share.source} in {share.mountpoint})"
+    if not share.up:
+        return f"{who}: DOWN (declared, no virtiofsd)"
+    if share.held is None or share.held.method == "denied":
+        return f"{who}: served generation unknown (needs CAP_SYS_PTRACE)"
+    if share.held.method == "unpinned":
+        return f"{who}: virtiofsd holds nothing yet (its VM has not connected)"
+    if share.held.method == FILE_HANDLE:
+        return f"{who}: served generation unknown (an unsandboxed virtiofsd holds it as a file handle)"
+    if share.held.whole_store:
+        return f"{who}: serves the store's whole mount point: every generation, and sops-nix's key file if it is there"
+    state = "deleted" if share.verdict.deleted else "stale" if share.verdict.stale else "current"
+    current = store.current.number if store.current else None
+    return f"{who}: serves generation {share.served_generation}, current {current}: {state}"

@@ -1,0 +1,1 @@
+"""HTTP: the server, the web configuration (TLS, basic auth)."""

@@ -1,0 +1,255 @@
+"""VM shares of the secrets stores: which VM serves which generation, and what the next switch does to it.
+
+A share is found two ways: a running virtiofsd whose source is (or resolves into) a store (readers/virtiofsd),
+and a share microvm.nix declared in its state directory (readers/microvm). A declared share that no
+virtiofsd serves is a VM that lost its secrets.
+
+The join of a store and its shares is made here, once: `scan_shares` returns one StoreShares per store,
+and every verdict (stale, deleted, pruned on the next switch, the keepGenerations that would spare it) is
+computed from that store alone, in `judge`. Metrics, problems and `check` all read those values.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from sops_nix_exporter.readers import microvm, virtiofsd
+from sops_nix_exporter.readers import proc as procfs
+from sops_nix_exporter.readers.virtiofsd import Held, StoreIdentity
+from sops_nix_exporter.stores.scan import StoreScan
+
+# An unsandboxed virtiofsd with --inode-file-handles=prefer (microvm.nix's default) on a filesystem that has
+# file handles (tmpfs, sops-nix's useTmpfs) keeps its shared directory as a file handle, which /proc does not
+# show, and holds only the filesystem's mount point open (for open_by_handle_at). What it serves cannot be
+# told then; that open mount point is not a share of the whole store.
+FILE_HANDLE = "file_handle"
+UNKNOWN = microvm.UNKNOWN
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What a share's generation means, against its store's current generation and keepGenerations."""
+
+    known: bool = False  # what it serves could be told (not denied, not a file handle, not down)
+    stale: bool = False
+    deleted: bool = False
+    generations_behind: int | None = None
+    pruned_on_next_switch: bool | None = None  # None when unknowable (no keepGenerations, nothing served)
+    # The smallest keepGenerations under which the next switch spares the served generation; None if none does.
+    keep_to_spare: int | None = None
+
+
+@dataclass(slots=True)
+class Share:
+    vm: str
+    share: str
+    mountpoint: str
+    source: str
+    sandbox: str
+    up: bool
+    pids: tuple[int, ...] = ()
+    held: Held | None = None  # None when nothing serves it
+    verdict: Verdict = field(default_factory=Verdict)
+
+    @property
+    def method(self) -> str:
+        return self.held.method if self.held else "down"
+
+    @property
+    def served_generation(self) -> int | None:
+        return self.held.generation if self.held else None
+
+    @property
+    def deleted(self) -> bool:
+        return bool(self.held and self.held.deleted)
+
+
+def judge(share: Share, store: StoreScan) -> Verdict:
+    """The verdicts on one share, from its store. The next switch makes current + 1 current and deletes every
+    generation <= current + 1 - keep, so a served generation s survives it when keep >= current + 2 - s."""
+    held = share.held
+    if held is None:
+        return Verdict()
+    known = held.method not in ("denied", FILE_HANDLE)
+    served = held.generation
+    current = store.current.number if store.current else None
+    keep = store.keep_generations
+    if held.whole_store or served is None:
+        return Verdict(known=known, stale=held.deleted, deleted=held.deleted)
+    behind = current - served if current is not None else None
+    pruned_next = None
+    if keep is not None and current is not None:
+        pruned_next = False if held.deleted or keep == 0 else served <= current + 1 - keep
+    keep_to_spare = max(1, current + 2 - served) if current is not None and not held.deleted else None
+    return Verdict(known=known, stale=served != current, deleted=held.deleted, generations_behind=behind,
+                   pruned_on_next_switch=pruned_next, keep_to_spare=keep_to_spare)  # fmt: skip
+
+
+@dataclass(slots=True)
+class StoreShares:
+    """One store and the shares that serve it, with what they mean for it together."""
+
+    store: StoreScan
+    shares: list[Share] = field(default_factory=list)
+
+    @property
+    def pinned_generations(self) -> set[int]:
+        """Distinct generations some running share serves."""
+        return {s.served_generation for s in self.shares if s.served_generation is not None}
+
+    @property
+    def recommended_keep_generations(self) -> int | None:
+        """The smallest keepGenerations under which the next switch deletes no generation a share serves; one,
+        sops-nix's default, is the least. None while the store has no current generation."""
+        if self.store.current is None:
+            return None
+        return max([1] + [s.verdict.keep_to_spare for s in self.shares if s.verdict.keep_to_spare is not None])
+
+
+@dataclass(slots=True)
+class SharesResult:
+    stores: list[StoreShares] = field(default_factory=list)
+    capabilities: dict[str, bool] = field(default_factory=dict)
+    unreadable_processes: int = 0  # virtiofsd processes some of whose state needs CAP_SYS_PTRACE
+
+    @property
+    def shares(self) -> list[Share]:
+        return [share for group in self.stores for share in group.shares]
+
+
+def store_for_source(source: str, stores: list[StoreScan]) -> StoreScan | None:
+    """The store a share's source is, or resolves into: the symlink, a path under it, a generation, or the
+    mount point itself."""
+    if not source.startswith("/"):
+        return None
+    normal = os.path.normpath(source)
+    for store in stores:
+        for base in (store.symlink, store.mountpoint):
+            if normal == base or normal.startswith(base.rstrip("/") + "/"):
+                return store
+    try:
+        resolved = os.path.realpath(normal)
+    except OSError:
+        return None
+    for store in stores:
+        real = os.path.realpath(store.mountpoint)
+        if resolved == real or resolved.startswith(real.rstrip("/") + "/"):
+            return store
+    return None
+
+
+def names_mountpoint(source: str, store: StoreScan) -> bool:
+    """Whether a share's source is the store's mount point itself (and not the symlink, or a path below)."""
+    normal = os.path.normpath(source)
+    if normal == os.path.normpath(store.mountpoint):
+        return True
+    try:
+        return os.path.realpath(normal) == os.path.realpath(store.mountpoint)
+    except OSError:
+        return False
+
+
+def store_identity(store: StoreScan) -> StoreIdentity:
+    try:
+        inode: int | None = os.stat(store.mountpoint).st_ino
+    except OSError:
+        inode = None
+    return StoreIdentity(
+        mountpoint=store.mountpoint,
+        real_mountpoint=os.path.realpath(store.mountpoint),
+        fs_path=store.fs_path,
+        devices=store.devices,
+        mountpoint_inode=inode,
+        generations={(g.device, g.inode): g.number for g in store.generations},
+    )
+
+
+def _group(found: list[procfs.Process]) -> dict[int, list[procfs.Process]]:
+    """The parent and the sandboxed child of one virtiofsd are one share: group by the topmost
+    virtiofsd ancestor carrying the same command line."""
+    by_pid = {p.pid: p for p in found}
+    groups: dict[int, list[procfs.Process]] = {}
+    for process in found:
+        leader = process
+        seen = {leader.pid}
+        while leader.ppid in by_pid and by_pid[leader.ppid].argv == process.argv and leader.ppid not in seen:
+            leader = by_pid[leader.ppid]
+            seen.add(leader.pid)
+        groups.setdefault(leader.pid, []).append(process)
+    return groups
+
+
+def _severity(share: Share) -> tuple[int, int]:
+    """When two processes claim one share, report the worse one (deleted, then the oldest served)."""
+    return (1 if share.deleted else 0, -(share.served_generation or 0))
+
+
+def scan_shares(stores: list[StoreScan], state_dir: str, proc: str = "/proc") -> SharesResult:
+    """Every share of the (listable) stores: those virtiofsd serves, then those declared that nothing serves."""
+    result = SharesResult(capabilities=procfs.effective_capabilities(proc))
+    declared = [d for d in microvm.declared_shares(state_dir) if store_for_source(d.source, stores) is not None]
+    identities = {s.mountpoint: store_identity(s) for s in stores}
+    root = procfs.own_root()
+    shares: dict[tuple[str, str, str], Share] = {}
+
+    for members in _group(virtiofsd.find(proc)).values():
+        command = virtiofsd.parse_command(members[0].argv)
+        if command is None:
+            continue
+        store = store_for_source(command.source, stores)
+        if store is None or not identities[store.mountpoint].devices:
+            continue
+        held: Held | None = None
+        alive = []
+        for process in members:
+            try:
+                candidate = virtiofsd.inspect(process.pid, identities[store.mountpoint], root, proc)
+            except ProcessLookupError:
+                continue  # exited mid-scan
+            alive.append(process.pid)
+            if held is None or (candidate.pins and not held.pins) or (held.method == "unpinned" and candidate.method == "denied"):
+                held = candidate
+        if held is None:
+            continue
+        if held.whole_store and held.method == "fd" and not names_mountpoint(command.source, store):
+            held = Held(FILE_HANDLE, device=held.device, inode=held.inode)
+        if held.method == "denied":
+            result.unreadable_processes += 1
+        vm = microvm.vm_name(members[0].pid, command, state_dir, proc)
+        share = Share(
+            vm=vm,
+            share=microvm.share_tag(vm, command, declared),
+            mountpoint=store.mountpoint,
+            source=command.source.rstrip("/") or "/",
+            sandbox=command.sandbox,
+            up=True,
+            pids=tuple(sorted(alive)),
+            held=held,
+        )
+        key = (share.vm, share.share, share.mountpoint)
+        if key not in shares or _severity(share) > _severity(shares[key]):
+            shares[key] = share
+
+    for declaration in declared:
+        store = store_for_source(declaration.source, stores)
+        assert store is not None
+        key = (declaration.vm, declaration.tag, store.mountpoint)
+        if key in shares:
+            continue
+        shares[key] = Share(
+            vm=declaration.vm,
+            share=declaration.tag,
+            mountpoint=store.mountpoint,
+            source=declaration.source.rstrip("/") or "/",
+            sandbox=UNKNOWN,
+            up=False,
+        )
+
+    by_store = {store.mountpoint: StoreShares(store) for store in stores}
+    for share in sorted(shares.values(), key=lambda s: (s.mountpoint, s.vm, s.share)):
+        group = by_store[share.mountpoint]
+        share.verdict = judge(share, group.store)
+        group.shares.append(share)
+    result.stores = list(by_store.values())
+    return result
