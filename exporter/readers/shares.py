@@ -101,8 +101,11 @@ class StoreShares:
     @property
     def recommended_keep_generations(self) -> int | None:
         """The smallest keepGenerations under which the next switch deletes no generation a share serves; one,
-        sops-nix's default, is the least. None while the store has no current generation."""
+        sops-nix's default, is the least. None while the store has no current generation, or while a running
+        share's generation cannot be told (denied, file handle): no number would be honest then."""
         if self.store.current is None:
+            return None
+        if any(s.up and not s.verdict.known for s in self.shares):
             return None
         return max([1] + [s.verdict.keep_to_spare for s in self.shares if s.verdict.keep_to_spare is not None])
 

@@ -51,10 +51,11 @@ import stat
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 
 from sops_nix_exporter.stores import walk as walker
 from sops_nix_exporter.stores.inotify import WATCH_MASK, Inotify
-from sops_nix_exporter.stores.scan import GenerationVanished, Measurer, Usage
+from sops_nix_exporter.stores.scan import GenerationVanished, MeasureSession, Measurer, Usage
 
 # A directory changed this recently may still be being written to: walk it again rather than remember it.
 SETTLE_NS = 2_000_000_000
@@ -137,7 +138,7 @@ class CachingMeasurer(Measurer):
         self.helpers = max(helpers, 0)
         self.helpers_started = 0
         self._helper_of: dict[str, _Helper] = {}  # path of a generation -> the helper walking it
-        self._prefetched: dict[str, tuple] = {}  # path of a generation -> what a helper found there
+        self._prefetched: dict[str, walker.Walk] = {}  # path of a generation -> what a helper found there
         self._reserved = 0  # watches promised to helpers still running
         if watch_limit is None:
             watch_limit = _share_of_user_watches()
@@ -382,7 +383,7 @@ class CachingMeasurer(Measurer):
             self._helper_of[path] = helper
         return True
 
-    def _from_helper(self, path: str) -> tuple | None:
+    def _from_helper(self, path: str) -> walker.Walk | None:
         """What a helper found at path, waiting for it if it is still walking; None if no helper walked it."""
         helper = self._helper_of.get(path)
         if helper is not None:
@@ -409,13 +410,21 @@ class CachingMeasurer(Measurer):
                 "them itself", len(helper.paths), helper.process.returncode,
             )  # fmt: skip
             return
-        self._prefetched.update(zip(helper.paths, results, strict=True))
+        try:
+            walks = [walker.Walk(*result) for result in results]
+        except TypeError:
+            walks = None
+        if walks is None:
+            log.warning("a helper process answered in a form the exporter does not read: the exporter walks %d "
+                        "generations itself", len(helper.paths))  # fmt: skip
+            return
+        self._prefetched.update(zip(helper.paths, walks, strict=True))
 
     def end_prefetch(self) -> None:
         for helper in {id(helper): helper for helper in self._helper_of.values()}.values():
             self._collect(helper)
         for result in self._prefetched.values():
-            self._discard(result[9], keep=())
+            self._discard(result.watches, keep=())
         self._prefetched.clear()
 
     def forget_except(self, live: set[tuple[int, int]]) -> None:
@@ -427,3 +436,29 @@ class CachingMeasurer(Measurer):
         self._listed_in.clear()
         self._drained = False
         self._vouching_for, self._vouching_group = None, {}
+
+    def session(self) -> MeasureSession:
+        return _CachingSession(self)
+
+
+class _CachingSession(MeasureSession):
+    """One store scan through the cache: a first scan of many generations starts helper processes on them all
+    (prefetch), the scan takes their walks in order, and what it did not take is dropped when it ends."""
+
+    measurer: CachingMeasurer
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.measurer.end_prefetch()
+
+    def vouched(self, path: str, device: int, inode: int) -> Usage | None:
+        return self.measurer.vouched(path, device, inode)
+
+    def usage_of(self, path: str, listed: os.stat_result, errors: dict[str, int]) -> Usage:
+        return self.measurer.usage_of(path, listed, errors)
+
+    def usages(self, listed: list[tuple[str, os.stat_result]], errors: dict[str, int]) -> Iterator[Usage | Exception]:
+        self.measurer.prefetch(listed)
+        yield from super().usages(listed, errors)
+
+    def retain(self, live: set[tuple[int, int]]) -> None:
+        self.measurer.forget_except(live)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -123,8 +124,8 @@ def measure(path: str, device: int, errors: dict[str, int]) -> Usage:
     Raises GenerationVanished when path itself disappears; everything else becomes an incomplete Usage
     with the reason counted in errors.
     """
-    files, blocks, size, complete, _, _ = walk(path, device, errors)
-    return Usage.of_walk(files, blocks, size, complete)
+    tally = walk(path, device, errors)
+    return Usage.of_walk(tally.files, tally.blocks, tally.size, tally.complete)
 
 
 def _resolve_symlink(scan: StoreScan) -> None:
@@ -153,33 +154,52 @@ def _resolve_symlink(scan: StoreScan) -> None:
     scan.symlink_state = SymlinkState.OUTSIDE
 
 
+class MeasureSession:
+    """One store scan's use of a measurer (Measurer.session): scan_store asks it for the usage of each
+    generation it lists, then says which generations exist before the session ends. This one measures each
+    afresh; exporter/stores/cache.py's remembers what it measured."""
+
+    def __init__(self, measurer: Measurer) -> None:
+        self.measurer = measurer
+
+    def __enter__(self) -> MeasureSession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Whatever the session started and the scan did not take (helper processes' walks) is dropped."""
+
+    def vouched(self, path: str, device: int, inode: int) -> Usage | None:
+        """The usage of the generation directory listed at path, when it can be told without any system call:
+        device is the store's mount point's, inode the one the listing gave. None: stat it and measure it.
+        scan_store never asks about a generation something is mounted on or in."""
+        return None
+
+    def usage_of(self, path: str, listed: os.stat_result, errors: dict[str, int]) -> Usage:
+        """listed is the generation directory's lstat, taken just before, so a cache can check the directory
+        without a second stat."""
+        return self.measurer.usage(path, listed.st_dev, errors)
+
+    def usages(self, listed: list[tuple[str, os.stat_result]], errors: dict[str, int]) -> Iterator[Usage | Exception]:
+        """usage_of for each, in order; a generation that vanished or could not be read yields its exception.
+        A session may start on all of them at once (helper processes)."""
+        for path, st in listed:
+            try:
+                yield self.usage_of(path, st, errors)
+            except (GenerationVanished, OSError) as exc:
+                yield exc
+
+    def retain(self, live: set[tuple[int, int]]) -> None:
+        """These (device, inode) are the store's generations now; whatever is known of others may be dropped."""
+
+
 class Measurer:
-    """Measures one generation afresh. exporter.cache.CachingMeasurer, the exporter's default, remembers what it
-    measured and re-checks it with one stat per directory."""
+    """Measures generations; a scan of one store is one session (`with measurer.session() as session`)."""
 
     def usage(self, path: str, device: int, errors: dict[str, int]) -> Usage:
         return measure(path, device, errors)
 
-    def usage_of(self, path: str, listed: os.stat_result, errors: dict[str, int]) -> Usage:
-        """What scan_store calls: listed is the generation directory's lstat, taken just before, so a cache
-        can check the directory without a second stat."""
-        return self.usage(path, listed.st_dev, errors)
-
-    def vouched(self, path: str, device: int, inode: int) -> Usage | None:
-        """The usage of the generation directory listed at path, when it can be told without any system call:
-        device is the store's mount point's, inode the one the listing gave. None: stat it and call usage_of.
-        scan_store never asks about a generation something is mounted on or in."""
-        return None
-
-    def prefetch(self, listed: list[tuple[str, os.stat_result]]) -> None:
-        """scan_store is about to call usage_of for each of these generations, in this order: a measurer may
-        start on them ahead. end_prefetch follows, once they are all asked for (or the scan failed)."""
-
-    def end_prefetch(self) -> None:
-        """Whatever prefetch started and usage_of did not take is dropped."""
-
-    def forget_except(self, live: set[tuple[int, int]]) -> None:
-        """Drop whatever is known about generations that no longer exist."""
+    def session(self) -> MeasureSession:
+        return MeasureSession(self)
 
 
 def scan_store(
@@ -187,9 +207,22 @@ def scan_store(
     budget_bytes: int,
     mounts: list[mountinfo.Mount],
     measurer: Measurer | None = None,
-    retry: bool = True,
 ) -> StoreScan:
+    """The store as it is now. An activation that links a generation the listing had not seen (it ran during
+    the scan) makes the scan stale, not the store broken: one fresh scan sees it after the switch."""
     measurer = measurer or Measurer()
+    with measurer.session() as session:
+        scan, switched = _scan(config, budget_bytes, mounts, session, first=True)
+    if switched:
+        with measurer.session() as session:
+            scan, _ = _scan(config, budget_bytes, mounts, session, first=False)
+    return scan
+
+
+def _scan(
+    config: StoreConfig, budget_bytes: int, mounts: list[mountinfo.Mount], measurer: MeasureSession, first: bool
+) -> tuple[StoreScan, bool]:
+    """One scan, and whether it found that a switch ran meanwhile (only asked on the first)."""
     scan = StoreScan(
         mountpoint=config.mountpoint,
         symlink=config.symlink,
@@ -214,7 +247,7 @@ def scan_store(
         if not stat.S_ISDIR(top.st_mode):
             scan.down_reason = "not_a_directory"
             _resolve_symlink(scan)
-            return scan
+            return scan, False
         scan.device = top.st_dev
         scan.devices = scan.devices | {top.st_dev}
         candidates = []
@@ -234,11 +267,11 @@ def scan_store(
         scan.down_reason = "missing"
         scan.fstype = None  # no filesystem holds a store that is not there, whatever holds its parent
         _resolve_symlink(scan)
-        return scan
+        return scan, False
     except OSError as exc:
         scan.down_reason = error_reason(exc)
         _resolve_symlink(scan)
-        return scan
+        return scan, False
     scan.up = True
 
     # A generation with a filesystem mounted on it or inside it: the listing's inode is the covered directory's.
@@ -259,28 +292,20 @@ def scan_store(
             to_measure.append((number, entry.path, entry.stat(follow_symlinks=False)))
         except OSError as exc:
             scan.note_error(error_reason(exc))
-    measurer.prefetch([(path, st) for _, path, st in to_measure])
-    try:
-        for number, path, st in to_measure:
-            try:
-                usage = measurer.usage_of(path, st, scan.scan_errors)
-            except GenerationVanished:
-                scan.note_error("vanished")
-                continue
-            except OSError as exc:
-                scan.note_error(error_reason(exc))
-                continue
+    usages = measurer.usages([(path, st) for _, path, st in to_measure], scan.scan_errors)
+    for (number, _, st), usage in zip(to_measure, usages, strict=True):
+        if isinstance(usage, GenerationVanished):
+            scan.note_error("vanished")
+        elif isinstance(usage, OSError):
+            scan.note_error(error_reason(usage))
+        else:
             scan.generations.append(Generation(number=number, device=st.st_dev, inode=st.st_ino, usage=usage))
-    finally:
-        measurer.end_prefetch()
     scan.generations.sort(key=lambda generation: generation.number)
-    measurer.forget_except({(g.device, g.inode) for g in scan.generations})
+    measurer.retain({(g.device, g.inode) for g in scan.generations})
     _resolve_symlink(scan)
     if _switched_meanwhile(scan):
-        if retry:
-            # An activation ran during the scan and linked a generation the listing had not seen: the store
-            # is fine, the scan is stale. One fresh scan sees it after the switch.
-            return scan_store(config, budget_bytes, mounts, measurer, retry=False)
+        if first:
+            return scan, True
         # Switches faster than scans: not a third scan, which would race the same way, but catching up
         # with the one generation now linked; only another switch within that moment needs a retry.
         for _ in range(CATCH_UP_ATTEMPTS):
@@ -290,7 +315,7 @@ def scan_store(
             if not _switched_meanwhile(scan):
                 break
     _confirm_current(scan, measurer, vouched, linked_before)
-    return scan
+    return scan, False
 
 
 def _link_target(symlink: str) -> tuple[int, int] | None:
@@ -302,7 +327,7 @@ def _link_target(symlink: str) -> tuple[int, int] | None:
 
 
 def _confirm_current(
-    scan: StoreScan, measurer: Measurer, vouched: set[int], linked_before: tuple[int, int] | None
+    scan: StoreScan, measurer: MeasureSession, vouched: set[int], linked_before: tuple[int, int] | None
 ) -> None:
     """Make the current generation's figures those of a complete generation.
 
@@ -331,7 +356,7 @@ def _confirm_current(
             _catch_up_with_switch(scan, measurer)  # measures the generation after seeing its link
 
 
-def _measure_current_again(scan: StoreScan, measurer: Measurer) -> None:
+def _measure_current_again(scan: StoreScan, measurer: MeasureSession) -> None:
     current = scan.current
     assert current is not None
     path = os.path.join(scan.mountpoint, str(current.number))
@@ -367,7 +392,7 @@ def _switched_meanwhile(scan: StoreScan) -> bool:
     )
 
 
-def _catch_up_with_switch(scan: StoreScan, measurer: Measurer) -> None:
+def _catch_up_with_switch(scan: StoreScan, measurer: MeasureSession) -> None:
     """The symlink names a generation created after the listing. Measure it, and drop the listed ones that
     the switch's prune has removed since: the figures then describe the store just after the switch, never
     more generations than existed at once, nor a store without a current generation."""

@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from collections import namedtuple
 from collections.abc import Callable
 
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -37,8 +38,9 @@ def error_reason(exc: OSError) -> str:
     return "error"
 
 
-# files, st_blocks summed, st_size summed, complete, relative paths of the directories below, signature
-Tally = tuple[int, int, int, bool, list[str], tuple[int, ...]]
+# What walk() found: the regular files, their st_blocks and st_size summed, whether everything could be read,
+# the relative paths of the directories below (walk order), and the signature (see walk).
+Tally = namedtuple("Tally", "files blocks size complete relatives signature")
 
 
 def walk(path: str, device: int, errors: dict[str, int], opening: Callable[[str], None] | None = None) -> Tally:
@@ -122,7 +124,7 @@ def walk(path: str, device: int, errors: dict[str, int], opening: Callable[[str]
     finally:
         for _, directory_fd in pending:  # left over only when something unexpected ended the walk
             close(directory_fd)
-    return files, blocks, size, complete, relatives, tuple(signature)
+    return Tally(files, blocks, size, complete, relatives, tuple(signature))
 
 
 # --- a helper process ---------------------------------------------------------------------------------------
@@ -140,15 +142,18 @@ HELPER_CODE = (
 
 WALKED, VANISHED = 0, 1
 
+# One generation walked for the exporter: status (WALKED, VANISHED), when the walk began (time_ns, before any
+# stat), the Tally's fields, the errors by reason, the inotify watches placed and why watching stopped (None
+# if it did not). A helper sends it as a plain tuple (marshal takes no subclass): Walk(*received) on arrival.
+Walk = namedtuple(
+    "Walk", "status started_ns files blocks size complete errors relatives signature watches stopped"
+)
+
 
 def walk_for_exporter(
     path: str, device: int, place_watch: Callable[[str], int] | None, watch_cap: int, limit_reason: str
-) -> tuple:
-    """Walk one generation as CachingMeasurer does, placing a watch before each directory is listed.
-
-    Returns (status, started_ns, files, blocks, size, complete, errors, relatives, signature, watches placed,
-    why watching stopped or None): plain values that marshal carries from a helper to the exporter.
-    """
+) -> Walk:
+    """Walk one generation as CachingMeasurer does, placing a watch before each directory is listed."""
     started_ns = time.time_ns()  # before any stat the walk takes
     errors: dict[str, int] = {}
     added: list[int] = []
@@ -170,9 +175,9 @@ def walk_for_exporter(
             path, device, errors, opening if place_watch is not None else None
         )
     except GenerationVanished:
-        return VANISHED, started_ns, 0, 0, 0, False, errors, [], (), added, None
+        return Walk(VANISHED, started_ns, 0, 0, 0, False, errors, [], (), added, None)
     why_stopped = stopped[0] if stopped else None
-    return WALKED, started_ns, files, blocks, size, complete, errors, relatives, signature, added, why_stopped
+    return Walk(WALKED, started_ns, files, blocks, size, complete, errors, relatives, signature, added, why_stopped)
 
 
 def serve_helper() -> None:
@@ -180,7 +185,7 @@ def serve_helper() -> None:
 
     The request (marshal): the directory listing the generations, [(name, device), ...], the inotify
     descriptor inherited from the exporter (-1: none), the event mask, how many watches it may place, and
-    the reason to report when they run out. The answer (marshal): one walk_for_exporter tuple per name, in
+    the reason to report when they run out. The answer (marshal): one Walk, as a plain tuple, per name, in
     order. Anything unexpected ends the helper with status 1 and nothing on stdout or stderr, so that no
     traceback can carry a name found in a generation anywhere: the exporter then walks those generations
     itself.
@@ -198,8 +203,8 @@ def serve_helper() -> None:
         results = []
         for name, device in generations:
             result = walk_for_exporter(group + "/" + name, device, place_watch, watch_cap, limit_reason)
-            watch_cap -= len(result[9])
-            results.append(result)
+            watch_cap -= len(result.watches)
+            results.append(tuple(result))  # marshal carries plain tuples only
         marshal.dump(results, sys.stdout.buffer)
         sys.stdout.buffer.flush()
     except BaseException:  # noqa: BLE001 - see the docstring: nothing may be printed
