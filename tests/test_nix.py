@@ -27,7 +27,6 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from sops_nix_exporter import __version__
 from sops_nix_exporter.stores.cache import PARALLEL_FROM
@@ -37,6 +36,7 @@ from sops_nix_exporter.http.server import parse_listen_address
 
 from conftest import write_config
 from nixsources import NixSourceMissing, nix_source
+from scrape import samples
 from serving import free_port
 from sopsnix import SAMPLE_SECRETS
 from tools import require_tool
@@ -554,12 +554,8 @@ def allowed_syscalls(filters: list[str], groups: dict[str, list[str]]) -> set[st
 
 
 def collector_success(text: str) -> dict[str, float]:
-    return {
-        sample.labels["collector"]: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "sopsnix_scrape_collector_success"
-    }
+    return {dict(labels)["collector"]: found for (name, labels), found in samples(text).items()
+            if name == "sopsnix_scrape_collector_success"}  # fmt: skip
 
 
 def test_exporter_makes_no_system_call_the_filter_blocks(make_store, pinners, scratch):
@@ -806,18 +802,6 @@ def container_etc(scratch: Path, executable: Path, pinner: Path) -> tuple[Path, 
     return etc, uid, keys_gid
 
 
-def by_labels(text: str) -> dict[tuple[str, frozenset], float]:
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(found: dict, name: str, **labels) -> float | None:
-    return found.get((name, frozenset(labels.items())))
-
-
 def test_documented_unit_runs_the_exporter_under_systemd(require_root, scratch):
     """Debian's systemd boots in a container (systemd-nspawn over this host's /usr, with a private network
     that has only loopback) and starts the documented unit as written. The exporter runs as its own user
@@ -875,7 +859,7 @@ def test_documented_unit_runs_the_exporter_under_systemd(require_root, scratch):
 
     result = json.loads((results / "result.json").read_text())
     assert "error" not in result, f"{result['error']}\nthe exporter's journal:\n{result['journal']}"
-    before, after = by_labels(result["before"]), by_labels(result["after"])
+    before, after = samples(result["before"]), samples(result["after"])
     secrets = {"mountpoint": "/run/secrets.d"}
     assert value(before, "sopsnix_store_up", **secrets) == 1
     assert value(before, "sopsnix_current_generation", **secrets) == 2

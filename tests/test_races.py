@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import requests
 
-from scrape import samples
+from scrape import samples, value
 from tools import require_tool
 
 SWITCH_SECONDS = 30
@@ -127,19 +127,16 @@ def test_switch_and_prune_while_scraping(make_store, pinners, scratch, serve):
         assert status == 200, text
         found = samples(text)  # parses, once: the checks below look values up
 
-        def value(name: str, **labels: str) -> float | None:
-            return found.get((name, tuple(sorted(labels.items()))))
-
         figures = {
-            name: value(f"sopsnix_{name}", mountpoint=mp)
+            name: value(found, f"sopsnix_{name}", mountpoint=mp)
             for name in ("store_up", "generations", "current_generation", "current_generation_files",
                          "oldest_generation", "pending_generations", "symlink_ok", "generations_bytes",
                          "current_generation_bytes")
         }  # fmt: skip
         problems = []
-        if value("sopsnix_scrape_collector_success", collector="stores") != 1:
+        if value(found, "sopsnix_scrape_collector_success", collector="stores") != 1:
             problems.append("stores collector failed")
-        if value("sopsnix_scrape_collector_success", collector="shares") != 1:
+        if value(found, "sopsnix_scrape_collector_success", collector="shares") != 1:
             problems.append("shares collector failed")
         if figures["store_up"] != 1:
             problems.append("store down")
@@ -164,10 +161,10 @@ def test_switch_and_prune_while_scraping(make_store, pinners, scratch, serve):
             if figures["pending_generations"] not in (0, 1):
                 problems.append(f"{figures['pending_generations']} pending generations")
             previous_current, previous_end = current, end
-        if value("sopsnix_store_scan_errors", mountpoint=mp, reason="error") != 0:
+        if value(found, "sopsnix_store_scan_errors", mountpoint=mp, reason="error") != 0:
             problems.append("scan errors")
         # The VM pinned generation 1, which the first prunes deleted under it.
-        if value("sopsnix_vm_serving_generation", vm="web", share="secrets", mountpoint=mp) != 1:
+        if value(found, "sopsnix_vm_serving_generation", vm="web", share="secrets", mountpoint=mp) != 1:
             problems.append("the VM's served generation is not 1")
         if problems:
             impossible.append((round(start - links.before[0], 3), problems))

@@ -17,7 +17,7 @@ from sops_nix_exporter.check import report
 from sops_nix_exporter.config import parse_config
 
 from pinning import REAL_RUST_MODES, declare_share, start_pinner
-from scrape import samples
+from scrape import samples, value
 from serving import NOBODY, exporter_env, setpriv_prefix, unprivileged_python
 from sopsnix import SAMPLE_SECRETS, SopsStore
 
@@ -38,10 +38,6 @@ def scrape(config: dict) -> tuple[str, dict]:
     _, registry = app.build(parse_config(config), process_metrics=False)
     text = generate_latest(registry).decode()
     return text, samples(text)
-
-
-def value(found: dict, name: str, **labels) -> float | None:
-    return found.get((name, tuple(sorted(labels.items()))))
 
 
 def share_values(found: dict, vm: str, share: str, mountpoint: str) -> dict[str, float | None]:
