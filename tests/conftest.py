@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -23,8 +22,6 @@ from serving import (  # noqa: E402
 from sopsnix import MountUnavailable, SopsStore, mounted  # noqa: E402
 from tools import require_tool
 import leaks  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def pytest_configure(config):
@@ -91,16 +88,6 @@ def make_store(require_root, scratch):
 @pytest.fixture(params=["ramfs", "tmpfs"])
 def store(request, make_store) -> SopsStore:
     return make_store(request.param)
-
-
-def write_config(directory: Path, data: dict) -> Path:
-    path = directory / "config.yml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def store_config(store: SopsStore, **extra) -> dict:
-    return {"mountpoint": str(store.mountpoint), "symlink": str(store.symlink), **extra}
 
 
 def promtool_check_metrics(text: str) -> None:

@@ -162,6 +162,13 @@ class Served:
             raise AssertionError(f"the exporter did not exit within 20 s of SIGTERM:\n{self.log()[-2000:]}") from None
 
 
+def write_config(directory: Path, data: dict) -> Path:
+    """The configuration as DIRECTORY/config.yml."""
+    path = directory / "config.yml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 def write_yaml(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data))
     path.chmod(0o644)

@@ -237,4 +237,9 @@ def config_data(*stores: dict, **extra) -> dict:
     return {"stores": list(stores), "microvm": NO_MICROVMS, **extra}
 
 
+def store_config(store: SopsStore, **extra) -> dict:
+    """The configuration entry of a store: its mount point and symlink, and any other setting."""
+    return {"mountpoint": str(store.mountpoint), "symlink": str(store.symlink), **extra}
+
+
 NOT_GENERATIONS = ("007", "0", "0012", "notes", "1a", "-1", "+2", "\u0663", " 5")

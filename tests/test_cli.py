@@ -15,9 +15,8 @@ import pytest
 
 from sops_nix_exporter import __version__
 
-from conftest import ROOT, store_config, write_config
 from scrape import samples, series, value
-from serving import run_cli
+from serving import ROOT, run_cli, write_config
 from sopsnix import (
     OTHER_FSTYPE,
     Secrets,
@@ -27,6 +26,7 @@ from sopsnix import (
     findmnt_fstype,
     mount,
     sops_layout,
+    store_config,
     umount,
 )
 from pinning import declare_share

@@ -11,7 +11,7 @@ import pytest
 
 from sops_nix_exporter.config import DEFAULT_MICROVM_STATE_DIR, Config, ConfigError, load_config
 
-from conftest import ROOT
+from serving import ROOT
 
 STORE = "  - mountpoint: /run/secrets.d\n    symlink: /run/secrets\n"
 USERS = "  - mountpoint: /run/secrets-for-users.d\n    symlink: /run/secrets-for-users\n"

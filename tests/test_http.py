@@ -20,10 +20,9 @@ from prometheus_client.openmetrics.parser import (
 
 from sops_nix_exporter import __version__
 
-from conftest import ROOT, store_config, write_config
 from scrape import samples, series, value
-from serving import free_port
-from sopsnix import Secrets, config_data, du_figures, sops_layout
+from serving import ROOT, free_port, write_config
+from sopsnix import Secrets, config_data, du_figures, sops_layout, store_config
 
 TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"

@@ -34,10 +34,9 @@ from sops_nix_exporter.cli import parse_args
 from sops_nix_exporter.config import ConfigError, parse_config
 from sops_nix_exporter.http.server import parse_listen_address
 
-from conftest import write_config
 from nixsources import NixSourceMissing, nix_source
 from scrape import samples
-from serving import free_port
+from serving import free_port, write_config
 from sopsnix import SAMPLE_SECRETS
 from tools import require_tool
 

@@ -29,9 +29,8 @@ from sops_nix_exporter.config import Config, StoreConfig
 from sops_nix_exporter.collector.frame import Collector, Exporter, MetricSpec, RegistryAdapter
 from sops_nix_exporter.stores.scan import Measurer, SymlinkState
 
-from conftest import ROOT, store_config, write_config
 from scrape import series, value
-from serving import run_cli
+from serving import ROOT, run_cli, write_config
 from sopsnix import (
     OTHER_FSTYPE,
     Secrets,
@@ -43,6 +42,7 @@ from sopsnix import (
     mount,
     mounted,
     sops_layout,
+    store_config,
     umount,
 )
 from tools import require_tool
