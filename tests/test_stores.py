@@ -29,6 +29,7 @@ from sops_nix_exporter.config import Config, StoreConfig
 from sops_nix_exporter.collector.frame import Collector, Exporter, MetricSpec, RegistryAdapter
 from sops_nix_exporter.stores.scan import Measurer, SymlinkState
 
+from goldens import compare_golden, golden_mask
 from scrape import series, value
 from serving import ROOT, run_cli, write_config
 from sopsnix import (
@@ -46,9 +47,6 @@ from sopsnix import (
     umount,
 )
 from tools import require_tool
-
-GOLDEN = Path(__file__).parent / "golden"
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Helpers shared with test_cli.py and test_http.py
@@ -585,29 +583,6 @@ def test_never_opens_a_file_in_the_store(store, scratch):
 # Golden expositions
 
 
-def golden_mask(text: str, paths: dict[str, str]) -> str:
-    """Make an exposition comparable across runs; documented in tests/golden/README.md."""
-    for real, placeholder in paths.items():
-        text = text.replace(f'"{real}"', f'"{placeholder}"')
-    masked = []
-    for line in text.splitlines():
-        if line.startswith(("sopsnix_host_memory_bytes ", "sopsnix_scrape_collector_duration_seconds{")):
-            line = line.rsplit(" ", 1)[0] + " NaN"
-        if line.startswith("sopsnix_exporter_build_info{"):
-            line = re.sub(r'="[^"]*"', '="MASKED"', line)
-        masked.append(line)
-    return "\n".join(masked) + "\n"
-
-
-def compare_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("UPDATE_GOLDEN") == "1":
-        path.write_text(text)
-    assert path.exists(), f"{path} missing; create it with UPDATE_GOLDEN=1 and review it"
-    expected = path.read_text()
-    assert text == expected, f"exposition differs from {path} (UPDATE_GOLDEN=1 rewrites it; review the diff)"
-
-
 def fixed_generation(store: SopsStore, number: int, sizes: list[int]) -> None:
     secrets = Secrets()
     store.write_generation(number, {f"rendered/{secrets.name()}": secrets.content(size) for size in sizes})
@@ -677,6 +652,7 @@ def test_golden_no_stores(scratch, promtool_check):
     compare_golden("no-stores.prom", golden_mask(text, {}))
 
 
+@pytest.mark.unit
 def test_golden_mask_keeps_what_matters():
     """The mask touches only the documented volatile values."""
     text = (
