@@ -23,6 +23,9 @@ from sopsnix import MountUnavailable, SopsStore, mounted  # noqa: E402
 from tools import require_tool
 import leaks  # noqa: E402
 
+# The fixture host's /proc has root links to / (as the kernel shows a sandboxed process's): never collect there.
+collect_ignore = ["fixtures"]
+
 
 def pytest_configure(config):
     leaks.become_subreaper()
