@@ -249,7 +249,8 @@ class CachingMeasurer(Measurer):
     def usage_of(self, path: str, listed: os.stat_result, errors: dict[str, int]) -> Usage:
         if not self._drained:
             self._drain()
-        group_name = path.rpartition("/")[0]
+        # One string for the store's directory, however many generations refer to it (their watches do).
+        group_name = sys.intern(path.rpartition("/")[0])
         if group_name not in self._listed_in:
             self._listed_in.add(group_name)
         group = self._groups.get(group_name)
@@ -314,8 +315,9 @@ class CachingMeasurer(Measurer):
             if old is not None:
                 self._release(old.watches, keep=watches)
             self._discard(added, keep=watches)
+            owner = (group_name, key)  # one tuple for all of the generation's watches
             for wd in watches:
-                self._watched[wd] = (group_name, key)
+                self._watched[wd] = owner
             group[key] = _Known(usage, shape, identities, watches)
         else:
             self._discard(added, keep=())
@@ -402,6 +404,7 @@ class CachingMeasurer(Measurer):
                     results = marshal.loads(answer)
             except (OSError, EOFError, ValueError, TypeError):
                 pass
+            answer = None  # not held while the walks are taken in
         if not isinstance(results, list) or len(results) != len(helper.paths):
             # Its watches, if it placed any, come back to the exporter as it walks the same directories again:
             # inotify_add_watch returns the descriptor already placed on a directory.
@@ -414,6 +417,7 @@ class CachingMeasurer(Measurer):
             walks = [walker.Walk(*result) for result in results]
         except TypeError:
             walks = None
+        results = None  # the plain tuples go before the walks are kept: a first scan's peak is what RSS keeps
         if walks is None:
             log.warning("a helper process answered in a form the exporter does not read: the exporter walks %d "
                         "generations itself", len(helper.paths))  # fmt: skip
