@@ -5,7 +5,7 @@ accept queue, as behind Go's LimitListener), and each one has REQUEST_TIMEOUT_SE
 request head, however slowly it trickles in, and to finish a TLS handshake. A client that connects and
 sends nothing, or a byte a second, holds one thread for that long and delays nobody else.
 
-With --web.config.file (exporter/webconfig.py): TLS, client certificates and basic authentication.
+With --web.config.file (exporter/http/webconfig.py): TLS, client certificates and basic authentication.
 """
 
 from __future__ import annotations

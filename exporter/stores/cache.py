@@ -35,7 +35,7 @@ directory with a time later than any time remembered. Watched generations need n
 writes in place too), but the settle rule applies to them as well, so both ways remember the same.
 
 A first scan with many generations to walk shares them with helper processes (prefetch; the walk and the
-helper's main are in exporter.walker): they place their watches on this measurer's inotify instance, and
+helper's main are in stores/walk.py): they place their watches on this measurer's inotify instance, and
 what each found is taken in exactly as a walk of this process's own.
 
 Nothing here opens a file: directories are opened to be listed (O_NOFOLLOW), files are only lstat()ed.

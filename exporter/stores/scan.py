@@ -45,7 +45,7 @@ class Usage:
 
     @classmethod
     def of_walk(cls, files: int, blocks: int, size: int, complete: bool) -> Usage:
-        """The usage a walk found (exporter.walker: st_blocks and st_size summed)."""
+        """The usage a walk found (stores/walk.py: st_blocks and st_size summed)."""
         return cls(files=files, bytes=blocks * 512, apparent_bytes=size, complete=complete)
 
 

@@ -2,7 +2,7 @@
 
 This module imports nothing outside the standard library, so that a helper process can run it from a bare
 interpreter (`python -I -S`) in a few milliseconds: a first scan of thousands of generations is shared
-between the exporter and helper processes, one per usable CPU (exporter.cache, CachingMeasurer.prefetch).
+between the exporter and helper processes, one per usable CPU (stores/cache.py, CachingMeasurer.prefetch).
 Walking is system calls and Python bookkeeping in equal parts; threads would serialise on the interpreter
 lock, processes do not.
 
