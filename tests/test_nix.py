@@ -35,7 +35,7 @@ from sops_nix_exporter.config import ConfigError, parse_config
 from sops_nix_exporter.http.server import parse_listen_address
 
 from nixsources import NixSourceMissing, nix_source
-from scrape import samples
+from scrape import samples, value
 from serving import free_port, write_config
 from sopsnix import SAMPLE_SECRETS
 from tools import require_tool
