@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from sops_nix_exporter.readers import virtiofsd as processes
 from sops_nix_exporter.check import report
 from sops_nix_exporter.config import parse_config
 
-from pinning import REAL_RUST_MODES, declare_share, start_pinner
+from pinning import declare_share, start_pinner
 from scrape import samples, value
 from serving import NOBODY, exporter_env, setpriv_prefix, unprivileged_python
 from sopsnix import SAMPLE_SECRETS, SopsStore
