@@ -17,8 +17,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from scrape import value
 from sopsnix import SopsStore, du_figures
 from vm.guest import (
     GuestUnavailable,
@@ -111,14 +111,6 @@ def start(share: MicrovmShare) -> Tick:
         return share.start()
     except GuestUnavailable as exc:
         pytest.skip(f"no test VM: {exc}")
-
-
-def value(text: str, name: str, **labels: str) -> float | None:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return None
 
 
 class Transcript:
