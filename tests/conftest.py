@@ -104,25 +104,31 @@ def promtool_check():
     return promtool_check_metrics
 
 
-@pytest.fixture
-def pinners(require_root, scratch):
-    """start_pinner(...) from tests/pinning.py; every process it started is ended by its PID afterwards."""
-    from pinning import PinnerUnavailable, start_pinner
-
+def _ended_afterwards(start_process, unavailable: tuple[type[Exception], ...], scratch: Path):
+    """A fixture's body: start_process(...) with workdir defaulting to scratch, skipping the test with the reason
+    when the part cannot start; every process it started is ended by its PID afterwards."""
     started = []
 
     def start(*args, **kwargs):
         kwargs.setdefault("workdir", scratch)
         try:
-            pinner = start_pinner(*args, **kwargs)
-        except PinnerUnavailable as exc:
+            process = start_process(*args, **kwargs)
+        except unavailable as exc:
             pytest.skip(str(exc))
-        started.append(pinner)
-        return pinner
+        started.append(process)
+        return process
 
     yield start
-    for pinner in reversed(started):
-        pinner.stop()
+    for process in reversed(started):
+        process.stop()
+
+
+@pytest.fixture
+def pinners(require_root, scratch):
+    """start_pinner(...) from tests/pinning.py; every process it started is ended by its PID afterwards."""
+    from pinning import PinnerUnavailable, start_pinner
+
+    yield from _ended_afterwards(start_pinner, (PinnerUnavailable,), scratch)
 
 
 @pytest.fixture
@@ -132,20 +138,7 @@ def shares(require_root, scratch):
     from pinning import PinnerUnavailable, start_share
     from virtiofsd import VirtiofsdUnavailable
 
-    started = []
-
-    def start(*args, **kwargs):
-        kwargs.setdefault("workdir", scratch)
-        try:
-            served = start_share(*args, **kwargs)
-        except (PinnerUnavailable, VirtiofsdUnavailable) as exc:
-            pytest.skip(str(exc))
-        started.append(served)
-        return served
-
-    yield start
-    for served in reversed(started):
-        served.stop()
+    yield from _ended_afterwards(start_share, (PinnerUnavailable, VirtiofsdUnavailable), scratch)
 
 
 @pytest.fixture

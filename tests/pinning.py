@@ -196,11 +196,9 @@ def start_pinner(
     cgroup: bool = True,
     space_form: bool = False,
     exit_after_ms: int | None = None,
-    behaviour: str | None = None,
     argv: list[str] | None = None,
 ) -> Pinner:
-    """behaviour overrides what the process does (e.g. "idle" under a C command line that says namespace);
-    argv overrides the whole command line (garbage, truncated)."""
+    """argv overrides the whole command line (garbage, truncated)."""
     binary = pinner_binary()
     source = str(source)
     if state_dir is not None:
@@ -213,7 +211,7 @@ def start_pinner(
         cwd = workdir
         socket = str(workdir / socket_name(vm, tag))
     argv = argv or command_line(syntax, mode, source, socket, space_form)
-    env = {"PIN_MODE": behaviour or mode, "PIN_SOURCE": source, "PATH": "/usr/bin:/bin"}
+    env = {"PIN_MODE": mode, "PIN_SOURCE": source, "PATH": "/usr/bin:/bin"}
     if exit_after_ms is not None:
         env["PIN_EXIT_MS"] = str(exit_after_ms)
     process = subprocess.Popen(

@@ -209,18 +209,13 @@ def test_source_forms(make_store, shares, pinners, scratch, source_kind):
         assert values == {"up": 1, "served": 1, "stale": 1, "deleted": 0, "behind": 1, "pruned_next": 0}
 
 
-def test_c_virtiofsd_not_yet_connected_is_not_stale(make_store, pinners, scratch):
-    store = make_store("ramfs")
-    state_dir = scratch / "microvms"
-    store.switch(SAMPLE_SECRETS)
-    pinners(source=f"{store.symlink}/", syntax="c", mode="namespace", behaviour="idle", vm="web", state_dir=state_dir)
-    store.switch({"db-password": "rotated\n"}, keep_generations=1)
-    _, found = scrape(config_for(store, state_dir))
-    mp = str(store.mountpoint)
-    assert share_values(found, "web", "secrets", mp) == {
+def assert_serves_nothing_yet(found: dict, vm: str, mountpoint: str) -> None:
+    """A virtiofsd whose VM has not connected pins nothing: up, neither stale nor deleted, nothing predicted."""
+    assert share_values(found, vm, "secrets", mountpoint) == {
         "up": 1, "served": None, "stale": 0, "deleted": 0, "behind": None, "pruned_next": None
     }
-    assert value(found, "sopsnix_vm_share_detection", vm="web", share="secrets", mountpoint=mp, method="unpinned") == 1
+    assert value(found, "sopsnix_vm_share_detection", vm=vm, share="secrets", mountpoint=mountpoint,
+                 method="unpinned") == 1  # fmt: skip
 
 
 def test_rust_virtiofsd_without_sandbox_pins_nothing_until_its_vm_connects(make_store, shares, scratch):
@@ -232,11 +227,7 @@ def test_rust_virtiofsd_without_sandbox_pins_nothing_until_its_vm_connects(make_
     shares(source=store.symlink, mode="none", vm="web", state_dir=state_dir, real=True)
     store.switch({"db-password": "rotated\n"}, keep_generations=1)
     _, found = scrape(config_for(store, state_dir))
-    mp = str(store.mountpoint)
-    assert share_values(found, "web", "secrets", mp) == {
-        "up": 1, "served": None, "stale": 0, "deleted": 0, "behind": None, "pruned_next": None
-    }
-    assert value(found, "sopsnix_vm_share_detection", vm="web", share="secrets", mountpoint=mp, method="unpinned") == 1
+    assert_serves_nothing_yet(found, "web", str(store.mountpoint))
 
 
 def test_real_c_virtiofsd_not_yet_connected_is_not_stale(make_store, scratch):
@@ -262,11 +253,7 @@ def test_real_c_virtiofsd_not_yet_connected_is_not_stale(make_store, scratch):
             _, found = scrape(config_for(store, state_dir))
         finally:
             daemon.stop()
-    mp = str(store.mountpoint)
-    assert share_values(found, "web", "secrets", mp) == {
-        "up": 1, "served": None, "stale": 0, "deleted": 0, "behind": None, "pruned_next": None
-    }
-    assert value(found, "sopsnix_vm_share_detection", vm="web", share="secrets", mountpoint=mp, method="unpinned") == 1
+    assert_serves_nothing_yet(found, "web", str(store.mountpoint))
 
 
 @pytest.mark.parametrize(

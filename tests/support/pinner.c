@@ -8,7 +8,6 @@
  *                           then fork the child that holds it (the Rust and C virtiofsd default)
  *                chroot:    chroot into the source
  *                none:      keep an O_PATH descriptor of the source open
- *                idle:      pin nothing (a C virtiofsd that no VM has connected to yet)
  *   PIN_EXIT_MS  if set, exit after that many milliseconds (short-lived processes for race tests)
  *
  * It waits for one byte on stdin before acting (so the test can place it in a cgroup first) and writes
@@ -83,8 +82,6 @@ int main(void) {
         hold();
     } else if (strcmp(mode, "none") == 0) {
         if (open(source, O_PATH | O_DIRECTORY | O_CLOEXEC) < 0) die("open source");
-        hold();
-    } else if (strcmp(mode, "idle") == 0) {
         hold();
     }
     fprintf(stderr, "pinner: unknown PIN_MODE %s\n", mode);
