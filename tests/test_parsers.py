@@ -232,9 +232,10 @@ def test_declared_shares_of_the_fixture():
     """booted/ wins over current/ (what the running VM was started from); a VM with only current/ is read
     from there. Shares of anything are listed here; scan_shares keeps those of a store."""
     assert microvm.declared_shares(str(FIXTURE_STATE_DIR)) == [
-        DeclaredShare("api", "sops", "/run/secrets", "api-virtiofs-sops.sock"),
+        DeclaredShare("api", "sops", "/run/secrets", "api-virtiofs-sops.sock", running=False),
         DeclaredShare("build", "secrets", "/run/secrets.d", "build-virtiofs-secrets.sock"),
         DeclaredShare("ci", "secrets", "/run/secrets", "ci-virtiofs-secrets.sock"),
+        DeclaredShare("db", "secrets", "/run/secrets", "db-virtiofs-secrets.sock", running=False),
         DeclaredShare("mail", "secrets", "/run/secrets", "mail-virtiofs-secrets.sock"),
         DeclaredShare("web", "ro-store", "/nix/.ro-store", "web-virtiofs-ro-store.sock"),
         DeclaredShare("web", "secrets", "/run/secrets", "web-virtiofs-secrets.sock"),

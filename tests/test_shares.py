@@ -160,6 +160,33 @@ def test_declared_share_that_nothing_serves_is_down(make_store, shares, scratch,
     assert value(found, "sopsnix_vm_serving_stale_generation", vm="db", share="secrets", mountpoint=mp) is None
 
 
+def test_a_vm_stopped_on_purpose_is_not_down(make_store, shares, scratch, promtool_check):
+    """microvm.nix keeps STATE_DIR/VM/booted only while the VM runs. A VM declared only in current/ is stopped:
+    its share gets no up series (so SopsNixVMShareDown cannot fire), and check calls it stopped and stays 0."""
+    store = make_store("ramfs")
+    state_dir = scratch / "microvms"
+    store.switch(SAMPLE_SECRETS)
+    shares(source=store.symlink, vm="web", state_dir=state_dir)  # running, served by the real Rust virtiofsd
+    declare_share(state_dir, "db", "secrets", store.symlink, generation="current")  # stopped
+    config = config_for(store, state_dir, keep=0)
+    text, found = scrape(config)
+    promtool_check(text)
+    mp = str(store.mountpoint)
+    assert value(found, "sopsnix_vm_running", vm="web") == 1
+    assert value(found, "sopsnix_vm_running", vm="db") == 0
+    assert value(found, "sopsnix_vm_share_up", vm="web", share="secrets", mountpoint=mp) == 1
+    assert not [k for k in found if ("vm", "db") in k[1] and k[0] != "sopsnix_vm_running"], "no db share series"
+    exporter, _ = app.build(parse_config(config), process_metrics=False)
+    report_text, code = report(exporter.collect())
+    assert code == 0, report_text
+    assert "VM db: stopped" in report_text
+    # Started again: booted/ appears, and until its virtiofsd serves the share, it is down.
+    declare_share(state_dir, "db", "secrets", store.symlink, generation="booted")
+    _, found = scrape(config)
+    assert value(found, "sopsnix_vm_running", vm="db") == 1
+    assert value(found, "sopsnix_vm_share_up", vm="db", share="secrets", mountpoint=mp) == 0
+
+
 def test_current_booted_fallback_and_socket_name(make_store, shares, scratch):
     store = make_store("ramfs")
     state_dir = scratch / "microvms"

@@ -57,6 +57,12 @@ RECOMMENDED_KEEP = MetricSpec(
     "The smallest keepGenerations under which the next switch deletes no generation a running share serves.",
     MP,
 )
+VM_RUNNING = MetricSpec(
+    "sopsnix_vm_running",
+    "1 for a VM that declares a share of a store and runs (microvm.nix's STATE_DIR/VM/booted exists), 0 for "
+    "one declared only in current/: stopped. A stopped VM's shares are neither up nor down.",
+    ("vm",),
+)
 CAPABILITY = MetricSpec(
     "sopsnix_exporter_capability",
     "1 if the exporter holds the capability it needs to see every share (CAP_SYS_PTRACE: other processes' "
@@ -81,7 +87,7 @@ class SharesCollector(Collector[SharesResult]):
     metrics = (
         VM_SHARE_INFO, VM_SHARE_UP, VM_SERVING_GENERATION, VM_SERVING_STALE, VM_SERVING_DELETED,
         VM_GENERATIONS_BEHIND, VM_PRUNED_ON_NEXT_SWITCH, VM_SHARE_DETECTION, PINNED_GENERATIONS, RECOMMENDED_KEEP,
-        CAPABILITY,
+        VM_RUNNING, CAPABILITY,
     )  # fmt: skip
 
     def __init__(self, config: Config, proc: str = "/proc") -> None:
@@ -113,6 +119,7 @@ class SharesCollector(Collector[SharesResult]):
         yield PINNED_GENERATIONS.family(((g.store.mountpoint,), float(len(g.pinned_generations))) for g in result.stores)
         yield RECOMMENDED_KEEP.family(((g.store.mountpoint,), float(g.recommended_keep_generations))
                                       for g in result.stores if g.recommended_keep_generations is not None)  # fmt: skip
+        yield VM_RUNNING.family(((vm,), float(running)) for vm, running in sorted(result.vms.items()))
         yield CAPABILITY.family(((name,), float(held)) for name, held in sorted(result.capabilities.items()))
 
     def problems(self, result: SharesResult) -> Iterator[Problem]:
@@ -133,6 +140,9 @@ class SharesCollector(Collector[SharesResult]):
         for group in result.stores:
             for share in group.shares:
                 yield share_summary(share, group.store)
+        for vm, running in sorted(result.vms.items()):
+            if not running:
+                yield f"VM {vm}: stopped (declared in current/, not booted): its shares are not expected to be served"
 
 
 def share_problems(share: Share, store: StoreScan) -> Iterator[Problem]:

@@ -2,7 +2,8 @@
 
 microvm.nix declares each virtiofs share in STATE_DIR/VM/{booted,current}/share/microvm/virtiofs/TAG/ with a
 file `source` (the host directory) and `socket` (VM-virtiofs-TAG.sock, relative to STATE_DIR/VM); it runs a
-VM's virtiofsd processes in microvm-virtiofsd@VM.service, from STATE_DIR/VM.
+VM's virtiofsd processes in microvm-virtiofsd@VM.service, from STATE_DIR/VM. STATE_DIR/VM/booted exists only
+while the VM runs (microvm-set-booted@VM removes it when the VM stops); current/ is what it would start from.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class DeclaredShare:
     tag: str
     source: str
     socket: str
+    running: bool = True  # declared under booted/: the VM runs; under current/ alone: it is stopped
 
 
 def _unescape_unit(name: str) -> str:
@@ -61,9 +63,8 @@ def declared_shares(state_dir: str) -> list[DeclaredShare]:
                 source = _read_small(os.path.join(base, tag, "source"))
                 socket = _read_small(os.path.join(base, tag, "socket"))
                 if source:
-                    found.append(
-                        DeclaredShare(vm=procfs.label(vm), tag=procfs.label(tag), source=source, socket=socket or "")
-                    )
+                    found.append(DeclaredShare(vm=procfs.label(vm), tag=procfs.label(tag), source=source,
+                                               socket=socket or "", running=generation == "booted"))  # fmt: skip
             break  # booted wins over current: it is what the running VM was started from
     return found
 

@@ -113,6 +113,8 @@ class StoreShares:
 @dataclass(slots=True)
 class SharesResult:
     stores: list[StoreShares] = field(default_factory=list)
+    # Each VM that declares a share of a store -> whether it runs (STATE_DIR/VM/booted exists).
+    vms: dict[str, bool] = field(default_factory=dict)
     capabilities: dict[str, bool] = field(default_factory=dict)
     unreadable_processes: int = 0  # virtiofsd processes some of whose state needs CAP_SYS_PTRACE
 
@@ -235,11 +237,12 @@ def scan_shares(stores: list[StoreScan], state_dir: str, proc: str = "/proc") ->
             shares[key] = share
 
     for declaration in declared:
+        result.vms[declaration.vm] = declaration.running
         store = store_for_source(declaration.source, stores)
         assert store is not None
         key = (declaration.vm, declaration.tag, store.mountpoint)
-        if key in shares:
-            continue
+        if key in shares or not declaration.running:
+            continue  # served; or a VM stopped on purpose, whose shares are neither up nor down
         shares[key] = Share(
             vm=declaration.vm,
             share=declaration.tag,
