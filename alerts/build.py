@@ -58,6 +58,20 @@ PER_GENERATION = value_of("sopsnix:memory_per_generation:bytes", STORE, "humaniz
 SWITCHES = value_of("sopsnix:switches:per_day", STORE)
 
 
+def label_of(metric: str, labels: tuple[str, ...], label: str) -> str:
+    """A template fragment that prints `label` of `metric`'s series for the alert's own label values."""
+    selector = ",".join(f"{name}=%q" for name in labels)
+    arguments = " ".join(f"$labels.{name}" for name in labels)
+    return (
+        f'{{{{ with printf "{metric}{{{selector}}}" {arguments} | query }}}}'
+        f'{{{{ . | first | label "{label}" }}}}{{{{ else }}}}unknown{{{{ end }}}}'
+    )
+
+
+SOURCE = label_of("sopsnix_vm_share_info", SHARE + ("mountpoint",), "source")
+SYMLINK = label_of("sopsnix_symlink_info", STORE, "symlink")
+
+
 def recording_rules() -> list[dict]:
     return [
         {
@@ -154,6 +168,35 @@ def vm_alerts() -> list[dict]:
             {BEHIND} generation(s) behind the current one ({CURRENT}): the guest still
             reads the secrets of before the last rotation. Restart microvm@{{{{ $labels.vm }}}} to serve the
             current generation.""",
+        ),
+        alert(
+            "SopsNixVMShareExposesStore", "critical",
+            # Published for a declared share that nothing serves too: the VM gets the store at its next start.
+            "sopsnix_vm_share_exposes_store == 1",
+            # The source is configuration, not a passing state, and waiting does not make the exposure
+            # worse or better: the minute only spares a page for a series that exists for one evaluation.
+            "1m",
+            "VM {{ $labels.vm }} is handed the whole secrets store {{ $labels.mountpoint }} and sops-nix's key",
+            f"""{Share} shares {SOURCE}, the mount point of store {{{{ $labels.mountpoint }}}}
+            or a directory above it, not its symlink: the guest can read every generation the host keeps (the
+            old values of rotated and revoked secrets) and sops-nix's private key file age-keys.txt. Share
+            {SYMLINK} (or a subdirectory of secrets meant for this VM) in microvm.shares and restart
+            microvm@{{{{ $labels.vm }}}}; treat the key and every secret the guest could read as known to it, and
+            rotate them.""",
+        ),
+        alert(
+            "SopsNixVMShareWritable", "warning",
+            # Absent for a share nothing serves: a VM that is down writes nothing.
+            "sopsnix_vm_share_writable == 1",
+            # A ticket, like the other configuration findings: ten minutes let a switch that sets readOnly
+            # restart the VM's virtiofsd without one.
+            "10m",
+            "VM {{ $labels.vm }} can write its secrets share {{ $labels.share }}",
+            f"""The virtiofsd of {share} serves {SOURCE} of {{{{ $labels.mountpoint }}}}
+            without --readonly: the guest can change, add or delete files in the host's secrets store,
+            including the secrets the host's own services read from the same generation, and fill the store's
+            memory. Set microvm.shares.*.readOnly = true for this share and restart
+            microvm@{{{{ $labels.vm }}}}.""",
         ),
     ]
 

@@ -25,12 +25,14 @@ EXAMPLE = ALERTS / "alertmanager.example.yml"
 UNIT_TESTS = sorted((ROOT / "tests" / "alerts").glob("*.test.yml"))
 RUNBOOKS = ROOT / "docs" / "runbooks.md"
 
-# The contract of issue 5: alert name -> (severity, for).
+# The contract of issues 5 and 14: alert name -> (severity, for).
 CONTRACT = {
     "SopsNixVMServingDeletedGeneration": ("critical", "1m"),
     "SopsNixVMShareDown": ("critical", "5m"),
     "SopsNixVMSecretsPrunedOnNextSwitch": ("warning", "10m"),
     "SopsNixVMServingStaleGeneration": ("warning", "1h"),
+    "SopsNixVMShareExposesStore": ("critical", "1m"),
+    "SopsNixVMShareWritable": ("warning", "10m"),
     "SopsNixSecretsMemoryNearBudget": ("warning", "15m"),
     "SopsNixSecretsMemoryOverBudget": ("critical", "15m"),
     "SopsNixSecretsMemoryBudgetExhaustionPredicted": ("warning", "1h"),
