@@ -166,7 +166,7 @@ def test_a_vm_stopped_on_purpose_is_not_down(make_store, shares, scratch, promto
     store = make_store("ramfs")
     state_dir = scratch / "microvms"
     store.switch(SAMPLE_SECRETS)
-    shares(source=store.symlink, vm="web", state_dir=state_dir)  # running, served by the real Rust virtiofsd
+    shares(source=store.symlink, vm="web", state_dir=state_dir, readonly=True)  # running, the real Rust virtiofsd
     declare_share(state_dir, "db", "secrets", store.symlink, generation="current")  # stopped
     config = config_for(store, state_dir, keep=0)
     text, found = scrape(config)
@@ -175,6 +175,7 @@ def test_a_vm_stopped_on_purpose_is_not_down(make_store, shares, scratch, promto
     assert value(found, "sopsnix_vm_running", vm="web") == 1
     assert value(found, "sopsnix_vm_running", vm="db") == 0
     assert value(found, "sopsnix_vm_share_up", vm="web", share="secrets", mountpoint=mp) == 1
+    assert value(found, "sopsnix_vm_share_writable", vm="web", share="secrets", mountpoint=mp) == 0  # --readonly
     assert not [k for k in found if ("vm", "db") in k[1] and k[0] != "sopsnix_vm_running"], "no db share series"
     exporter, _ = app.build(parse_config(config), process_metrics=False)
     report_text, code = report(exporter.collect())
@@ -210,7 +211,7 @@ def test_vm_name_without_a_cgroup(make_store, shares, scratch, where):
                  mountpoint=str(store.mountpoint)) == 1  # fmt: skip
 
 
-@pytest.mark.parametrize("source_kind", ["symlink-slash", "generation", "mountpoint", "space-form"])
+@pytest.mark.parametrize("source_kind", ["symlink-slash", "generation", "mountpoint", "above-mountpoint", "space-form"])
 def test_source_forms(make_store, shares, pinners, scratch, source_kind):
     store = make_store("ramfs")
     state_dir = scratch / "microvms"
@@ -219,6 +220,7 @@ def test_source_forms(make_store, shares, pinners, scratch, source_kind):
         "symlink-slash": f"{store.symlink}/",
         "generation": str(store.generation_path(1)),
         "mountpoint": str(store.mountpoint),
+        "above-mountpoint": str(store.mountpoint.parent),  # like sharing /run: the store is inside
         "space-form": str(store.symlink),
     }[source_kind]
     if source_kind == "space-form":  # microvm.nix writes --shared-dir=...; the pinner carries the other form
@@ -227,13 +229,23 @@ def test_source_forms(make_store, shares, pinners, scratch, source_kind):
         shares(source=source, vm="web", state_dir=state_dir)
     store.switch({"db-password": "rotated\n"}, keep_generations=0)
     _, found = scrape(config_for(store, state_dir, keep=0))
-    values = share_values(found, "web", "secrets", str(store.mountpoint))
+    mp = str(store.mountpoint)
+    values = share_values(found, "web", "secrets", mp)
+    exposes = value(found, "sopsnix_vm_share_exposes_store", vm="web", share="secrets", mountpoint=mp)
+    # Without --readonly (microvm.nix's readOnly = false) the guest can write what it is served.
+    assert value(found, "sopsnix_vm_share_writable", vm="web", share="secrets", mountpoint=mp) == 1
     if source_kind == "mountpoint":
         # Sharing the mount point itself serves every generation and sops-nix's age-keys.txt: never stale,
-        # but check warns about it.
+        # but it exposes the store (critical).
         assert values == {"up": 1, "served": None, "stale": 0, "deleted": 0, "behind": None, "pruned_next": None}
+        assert exposes == 1
+    elif source_kind == "above-mountpoint":
+        # The directory above holds the store on another filesystem: nothing of it is pinned, all of it is seen.
+        assert values == {"up": 1, "served": None, "stale": 0, "deleted": 0, "behind": None, "pruned_next": None}
+        assert exposes == 1
     else:
         assert values == {"up": 1, "served": 1, "stale": 1, "deleted": 0, "behind": 1, "pruned_next": 0}
+        assert exposes == 0
 
 
 def assert_serves_nothing_yet(found: dict, vm: str, mountpoint: str) -> None:

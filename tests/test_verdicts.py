@@ -14,7 +14,7 @@ import pytest
 
 from sops_nix_exporter.collector.shares import share_problems, share_summary
 from sops_nix_exporter.collector.stores import LISTING_HINT, store_problems, store_summary
-from sops_nix_exporter.readers.shares import FILE_HANDLE, Share, StoreShares, Verdict, judge
+from sops_nix_exporter.readers.shares import FILE_HANDLE, Share, StoreShares, Verdict, exposes_store, judge
 from sops_nix_exporter.readers.virtiofsd import Held
 from sops_nix_exporter.stores.scan import StoreScan, SymlinkState, Usage
 
@@ -31,9 +31,12 @@ def store(current: int | None = 3, keep: int | None = 1, numbers: list[int] | No
     return store_scan(MP, "/run/secrets", SECRETS_DEVICE, numbers, current, keep)
 
 
-def serving(held: Held | None, vm: str = "web", up: bool = True, source: str = "/run/secrets") -> Share:
+def serving(held: Held | None, vm: str = "web", up: bool = True, source: str = "/run/secrets",
+            writable: bool | None = None) -> Share:  # fmt: skip
+    """A share as scan_shares makes it; whether it exposes the store is the readers' own verdict on its source."""
     return Share(vm=vm, share="secrets", mountpoint=MP, source=source, sandbox="namespace", up=up,
-                 pids=(2101, 2108) if up else (), held=held)  # fmt: skip
+                 pids=(2101, 2108) if up else (), held=held, exposes_store=exposes_store(source, store()),
+                 writable=writable)  # fmt: skip
 
 
 def mounted(generation: int | None, deleted: bool = False, method: str = "mountinfo") -> Held:
@@ -256,14 +259,32 @@ def test_share_file_handle():
 
 
 def test_share_of_the_mount_point():
-    """The warning says what the guest can read, and the fix is the symlink."""
-    found = problems(serving(Held("mountinfo", whole_store=True), vm="build", source=MP), store())
-    assert found == {"whole_store": (
-        "warning",
-        "VM build share secrets (/run/secrets.d): shares the store's mount point, not its symlink: the guest can "
-        "read every generation the host keeps and sops-nix's key file (age-keys.txt) if one is there",
-        "share /run/secrets instead and restart microvm@build; treat a key the guest could read as known to it",
+    """Critical: it says what the guest can read, and the fix is the symlink (or a subdirectory of it). A share of
+    a directory above the mount point (/run) is the same finding."""
+    expected = {"whole_store": (
+        "critical",
+        "VM build share secrets (/run/secrets.d): shares the store's mount point (or a directory above it), not "
+        "its symlink: the guest can read every generation the host keeps and sops-nix's key file "
+        "(age-keys.txt) if one is there",
+        "share /run/secrets (or a subdirectory of secrets meant for this VM) instead and restart microvm@build; "
+        "treat the key and every secret the guest could read as known to it",
     )}  # fmt: skip
+    assert problems(serving(Held("mountinfo", whole_store=True), vm="build", source=MP), store()) == expected
+    assert problems(serving(Held("unpinned"), vm="build", source="/run"), store()) == expected
+    # Below the mount point (a generation) or the symlink, nothing is exposed.
+    assert not serving(Held("unpinned"), source=f"{MP}/3").exposes_store
+    assert not serving(Held("unpinned"), source="/run/secrets/web").exposes_store
+
+
+def test_writable_share():
+    found = problems(serving(mounted(3), writable=True), store(current=3, keep=0))
+    assert found == {"writable": (
+        "warning",
+        "VM web share secrets (/run/secrets.d): the guest can write the share (virtiofsd without --readonly), and "
+        "so change the secrets the host reads from the same generation",
+        "set microvm.shares.*.readOnly = true for it, then restart microvm@web",
+    )}  # fmt: skip
+    assert problems(serving(mounted(3), writable=False), store(current=3, keep=0)) == {}
 
 
 def test_current_share_with_keep_to_spare_is_fine():

@@ -57,6 +57,18 @@ RECOMMENDED_KEEP = MetricSpec(
     "The smallest keepGenerations under which the next switch deletes no generation a running share serves.",
     MP,
 )
+VM_SHARE_EXPOSES_STORE = MetricSpec(
+    "sopsnix_vm_share_exposes_store",
+    "1 if the share's source is the store's mount point or a directory above it: the VM can read every "
+    "generation of every secret and sops-nix's key file. 0 for other shares.",
+    SHARE,
+)
+VM_SHARE_WRITABLE = MetricSpec(
+    "sopsnix_vm_share_writable",
+    "1 if the guest can write the served share (no --readonly; QEMU's C virtiofsd has no such option), 0 if "
+    "it is read-only; absent while nothing serves it.",
+    SHARE,
+)
 VM_RUNNING = MetricSpec(
     "sopsnix_vm_running",
     "1 for a VM that declares a share of a store and runs (microvm.nix's STATE_DIR/VM/booted exists), 0 for "
@@ -87,7 +99,7 @@ class SharesCollector(Collector[SharesResult]):
     metrics = (
         VM_SHARE_INFO, VM_SHARE_UP, VM_SERVING_GENERATION, VM_SERVING_STALE, VM_SERVING_DELETED,
         VM_GENERATIONS_BEHIND, VM_PRUNED_ON_NEXT_SWITCH, VM_SHARE_DETECTION, PINNED_GENERATIONS, RECOMMENDED_KEEP,
-        VM_RUNNING, CAPABILITY,
+        VM_SHARE_EXPOSES_STORE, VM_SHARE_WRITABLE, VM_RUNNING, CAPABILITY,
     )  # fmt: skip
 
     def __init__(self, config: Config, proc: str = "/proc") -> None:
@@ -119,6 +131,8 @@ class SharesCollector(Collector[SharesResult]):
         yield PINNED_GENERATIONS.family(((g.store.mountpoint,), float(len(g.pinned_generations))) for g in result.stores)
         yield RECOMMENDED_KEEP.family(((g.store.mountpoint,), float(g.recommended_keep_generations))
                                       for g in result.stores if g.recommended_keep_generations is not None)  # fmt: skip
+        yield VM_SHARE_EXPOSES_STORE.family(each(shares, lambda s: s.exposes_store))
+        yield VM_SHARE_WRITABLE.family(each([s for s in shares if s.writable is not None], lambda s: s.writable))
         yield VM_RUNNING.family(((vm,), float(running)) for vm, running in sorted(result.vms.items()))
         yield CAPABILITY.family(((name,), float(held)) for name, held in sorted(result.capabilities.items()))
 
@@ -156,6 +170,17 @@ def share_problems(share: Share, store: StoreScan) -> Iterator[Problem]:
     # microvm-virtiofsd@VM is PartOf microvm@VM: restarting the VM restarts its virtiofsd, which resolves
     # the symlink again. Restarting the virtiofsd alone is not enough: a running guest does not reconnect.
     restart = f"restart microvm@{share.vm} (restarts its virtiofsd too) to serve the current generation"
+    if share.exposes_store:
+        yield Problem(f"{key}:whole_store", f"{who}: shares the store's mount point (or a directory above it), not "
+                      "its symlink: the guest can read every generation the host keeps and sops-nix's key file "
+                      "(age-keys.txt) if one is there",
+                      f"share {store.symlink} (or a subdirectory of secrets meant for this VM) instead and restart "
+                      f"microvm@{share.vm}; treat the key and every secret the guest could read as known to it",
+                      severity="critical")  # fmt: skip
+    if share.up and share.writable:
+        yield Problem(f"{key}:writable", f"{who}: the guest can write the share (virtiofsd without --readonly), "
+                      "and so change the secrets the host reads from the same generation",
+                      f"set microvm.shares.*.readOnly = true for it, then restart microvm@{share.vm}")  # fmt: skip
     if not share.up:
         # supervisord, the unit's main process, can outlive the virtiofsd that died: `start` does nothing then.
         yield Problem(f"{key}:down", f"{who}: declared, but no virtiofsd serves it: the VM has no secrets",
@@ -168,20 +193,14 @@ def share_problems(share: Share, store: StoreScan) -> Iterator[Problem]:
                       "and CAP_DAC_READ_SEARCH for an unsandboxed virtiofsd)",
                       "grant the exporter CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH")  # fmt: skip
         return
+    if share.exposes_store:
+        return  # every generation is there: no stale or deleted verdict means anything
     if share.held is not None and share.held.method == FILE_HANDLE:
         yield Problem(f"{key}:file_handle", f"{who}: cannot tell which generation it serves: its unsandboxed "
                       "virtiofsd holds the shared directory as a file handle, which /proc does not show",
                       f"run it in virtiofsd's default namespace sandbox (drop --sandbox=none from "
                       f"microvm.virtiofsd.extraArgs), or set microvm.virtiofsd.inodeFileHandles = \"never\"; "
                       f"then restart microvm@{share.vm}")  # fmt: skip
-        return
-    if share.held is not None and share.held.whole_store:
-        symlink = store.symlink
-        yield Problem(f"{key}:whole_store", f"{who}: shares the store's mount point, not its symlink: the guest "
-                      "can read every generation the host keeps and sops-nix's key file (age-keys.txt) if one "
-                      "is there",
-                      f"share {symlink} instead and restart microvm@{share.vm}; treat a key the guest could "
-                      "read as known to it")  # fmt: skip
         return
     served = share.served_generation
     current = store.current.number if store.current else None

@@ -51,6 +51,10 @@ class Share:
     pids: tuple[int, ...] = ()
     held: Held | None = None  # None when nothing serves it
     verdict: Verdict = field(default_factory=Verdict)
+    # The source is the store's mount point or a directory above it: the guest can read every generation
+    # of every secret, and sops-nix's key file (age-keys.txt lives in the mount point).
+    exposes_store: bool = False
+    writable: bool | None = None  # the guest can write the share (no --readonly); None when nothing serves it
 
     @property
     def method(self) -> str:
@@ -123,34 +127,41 @@ class SharesResult:
         return [share for group in self.stores for share in group.shares]
 
 
+def _within(path: str, base: str) -> bool:
+    return path == base or path.startswith(base.rstrip("/") + "/")
+
+
 def store_for_source(source: str, stores: list[StoreScan]) -> StoreScan | None:
-    """The store a share's source is, or resolves into: the symlink, a path under it, a generation, or the
-    mount point itself."""
+    """The store a share's source is, or resolves into: the symlink, a path under it, a generation, the
+    mount point itself, or a directory above the mount point (which exposes the whole store)."""
     if not source.startswith("/"):
         return None
     normal = os.path.normpath(source)
     for store in stores:
         for base in (store.symlink, store.mountpoint):
-            if normal == base or normal.startswith(base.rstrip("/") + "/"):
+            if _within(normal, base):
                 return store
     try:
         resolved = os.path.realpath(normal)
     except OSError:
         return None
     for store in stores:
-        real = os.path.realpath(store.mountpoint)
-        if resolved == real or resolved.startswith(real.rstrip("/") + "/"):
+        if _within(resolved, os.path.realpath(store.mountpoint)):
+            return store
+    for store in stores:
+        if exposes_store(source, store):
             return store
     return None
 
 
-def names_mountpoint(source: str, store: StoreScan) -> bool:
-    """Whether a share's source is the store's mount point itself (and not the symlink, or a path below)."""
+def exposes_store(source: str, store: StoreScan) -> bool:
+    """Whether a share's source is the store's mount point or a directory above it (and not the symlink, a
+    generation, or a path below them)."""
     normal = os.path.normpath(source)
-    if normal == os.path.normpath(store.mountpoint):
+    if _within(os.path.normpath(store.mountpoint), normal):
         return True
     try:
-        return os.path.realpath(normal) == os.path.realpath(store.mountpoint)
+        return _within(os.path.realpath(store.mountpoint), os.path.realpath(normal))
     except OSError:
         return False
 
@@ -217,7 +228,8 @@ def scan_shares(stores: list[StoreScan], state_dir: str, proc: str = "/proc") ->
                 held = candidate
         if held is None:
             continue
-        if held.whole_store and held.method == "fd" and not names_mountpoint(command.source, store):
+        exposing = exposes_store(command.source, store)
+        if held.whole_store and held.method == "fd" and not exposing:
             held = Held(FILE_HANDLE, device=held.device, inode=held.inode)
         if held.method == "denied":
             result.unreadable_processes += 1
@@ -231,6 +243,8 @@ def scan_shares(stores: list[StoreScan], state_dir: str, proc: str = "/proc") ->
             up=True,
             pids=tuple(sorted(alive)),
             held=held,
+            exposes_store=exposing,
+            writable=not command.readonly,
         )
         key = (share.vm, share.share, share.mountpoint)
         if key not in shares or _severity(share) > _severity(shares[key]):
@@ -250,6 +264,7 @@ def scan_shares(stores: list[StoreScan], state_dir: str, proc: str = "/proc") ->
             source=declaration.source.rstrip("/") or "/",
             sandbox=UNKNOWN,
             up=False,
+            exposes_store=exposes_store(declaration.source, store),
         )
 
     by_store = {store.mountpoint: StoreShares(store) for store in stores}

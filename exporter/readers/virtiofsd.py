@@ -33,6 +33,9 @@ class Command:
     source: str
     socket: str | None
     sandbox: str
+    # --readonly (Rust virtiofsd; microvm.nix writes it for microvm.shares.*.readOnly). QEMU's C virtiofsd
+    # has no such option: its shares are always writable by the guest.
+    readonly: bool = False
 
 
 def _options(text: str) -> dict[str, str]:
@@ -49,6 +52,7 @@ def parse_command(argv: tuple[str, ...] | list[str]) -> Command | None:
     """None when the command line names no shared directory (garbage, truncated, or --help)."""
     source = socket = None
     sandbox = "namespace"
+    readonly = False
     args = list(argv[1:])
     i = 0
     while i < len(args):
@@ -62,7 +66,9 @@ def parse_command(argv: tuple[str, ...] | list[str]) -> Command | None:
             i += 1
         elif key.startswith("-o") and len(key) > 2 and not takes_value:
             key, value = "-o", arg[2:]
-        if key == "--shared-dir":
+        if key == "--readonly" and not has_value:
+            readonly = True
+        elif key == "--shared-dir":
             source = value
         elif key in ("--socket-path", "--socket"):
             socket = value
@@ -76,7 +82,7 @@ def parse_command(argv: tuple[str, ...] | list[str]) -> Command | None:
         i += 1
     if not source:
         return None
-    return Command(source=source, socket=socket, sandbox=sandbox or "namespace")
+    return Command(source=source, socket=socket, sandbox=sandbox or "namespace", readonly=readonly)
 
 
 @dataclass(frozen=True, slots=True)
