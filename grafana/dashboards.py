@@ -9,8 +9,9 @@ Two dashboards share one set of variables (datasource, job, instance, vm):
   which VM serves which generation and what the next switch breaks, the alerts firing there, and the
   exporter's own health. The page an operator opens when a VM lost its secrets.
 - sops-nix / fleet: every host at a glance, ranked by secrets memory, budget used and growth, with
-  counts of stale, deleted and down VM shares; built from aggregations and topk so hundreds of hosts
-  behind one Prometheus (or Thanos, Mimir) read in seconds.
+  counts of stale, deleted and down VM shares and of shares that expose a whole store or are writable;
+  built from aggregations and topk so hundreds of hosts behind one Prometheus (or Thanos, Mimir) read in
+  seconds.
 
 Every query selects {job=~"$job", instance=~"$instance"} (VM metrics also vm=~"$vm") and reads raw
 exporter metrics, so the dashboards need no recording rules. Uids are fixed: links and bookmarks to
@@ -135,6 +136,8 @@ def value_texts(*entries: tuple[int | str, str, str]) -> list:
 
 
 UP_DOWN = value_texts((0, "down", "red"), (1, "up", "green"))
+EXPOSES_TEXTS = value_texts((0, "no", "green"), (1, "whole store", "red"))
+WRITABLE_TEXTS = value_texts((0, "read-only", "green"), (1, "writable", "orange"))
 OK_BROKEN = value_texts((0, "broken", "red"), (1, "ok", "green"))
 OK_FAILING = value_texts((0, "failing", "red"), (1, "ok", "green"))
 SHARE_STATE_TEXTS = value_texts(*SHARE_STATES)
@@ -538,7 +541,10 @@ def host_dashboard() -> models.Dashboard:
         "the current generation. stale: serves an older one, the guest reads old secrets. pruned on next "
         "switch: keepGenerations will delete what it serves at the next switch. down: declared but no "
         "virtiofsd serves it. deleted: the generation it serves was pruned, the guest sees an empty "
-        "directory; restart the VM.",
+        "directory; restart the VM. Exposes store: whole store if the share's source is the store's mount "
+        "point or a directory above it, handing the guest every generation and sops-nix's key: share the "
+        "symlink instead and rotate. Writable: the virtiofsd lacks --readonly (empty while nothing serves "
+        "the share): set microvm.shares.*.readOnly = true.",
         "none",
         thresholds((None, "green")),
         SHARE_KEY,
@@ -556,6 +562,20 @@ def host_dashboard() -> models.Dashboard:
                 COLOUR_BACKGROUND,
                 prop("mappings", SHARE_STATE_TEXTS),
                 prop("thresholds", steps_value(*[(None if v == 0 else v, c) for v, _, c in SHARE_STATES])),
+            ),
+            (
+                "Exposes store",
+                vm("sopsnix_vm_share_exposes_store"),
+                COLOUR_BACKGROUND,
+                prop("mappings", EXPOSES_TEXTS),
+                prop("thresholds", steps_value((None, "green"), (1, "red"))),
+            ),
+            (
+                "Writable",
+                vm("sopsnix_vm_share_writable"),
+                COLOUR_BACKGROUND,
+                prop("mappings", WRITABLE_TEXTS),
+                prop("thresholds", steps_value((None, "green"), (1, "orange"))),
             ),
         ],
     ).span(16)
@@ -786,13 +806,33 @@ def fleet_dashboard() -> models.Dashboard:
                 count_or_zero(f'sum({vm("sopsnix_vm_share_pruned_on_next_switch")})'), legend="at risk", instant=True
             ),
         ).span(3),
+        stat_panel(
+            "VM shares exposing the store",
+            "VM shares, served or declared, whose source is a store's mount point or a directory above it: "
+            "those guests can read every generation the host keeps and sops-nix's private key. Share the "
+            "symlink instead, restart the VM, and rotate the key and the secrets.",
+            "none",
+            thresholds((None, "green"), (1, "red")),
+            target(
+                count_or_zero(f'sum({vm("sopsnix_vm_share_exposes_store")})'), legend="exposing", instant=True
+            ),
+        ).span(12),
+        stat_panel(
+            "Writable VM shares",
+            "Served VM shares whose virtiofsd lacks --readonly: those guests can change the host's secrets. "
+            "Set microvm.shares.*.readOnly = true and restart the VM.",
+            "none",
+            thresholds((None, "green"), (1, "orange")),
+            target(count_or_zero(f'sum({vm("sopsnix_vm_share_writable")})'), legend="writable", instant=True),
+        ).span(12),
     )
 
     hosts = merged_table(
         "Hosts",
         "One row per host: exporter up, secrets memory of all its stores, the highest share of a store's "
-        "budget used, generations held, stale and deleted VM shares, firing sops-nix alerts. Sorted by "
-        "budget used; click an instance to open its host dashboard.",
+        "budget used, generations held, stale and deleted VM shares, VM shares that expose a whole store "
+        "or are writable, firing sops-nix alerts. Sorted by budget used; click an instance to open its "
+        "host dashboard.",
         "none",
         thresholds((None, "green")),
         "job, instance",
@@ -826,6 +866,18 @@ def fleet_dashboard() -> models.Dashboard:
                 f'sum by (job, instance) ({vm("sopsnix_vm_serving_deleted_generation")})',
                 COLOUR_TEXT,
                 prop("thresholds", steps_value((None, "green"), (1, "red"))),
+            ),
+            (
+                "Shares exposing the store",
+                f'sum by (job, instance) ({vm("sopsnix_vm_share_exposes_store")})',
+                COLOUR_TEXT,
+                prop("thresholds", steps_value((None, "green"), (1, "red"))),
+            ),
+            (
+                "Writable shares",
+                f'sum by (job, instance) ({vm("sopsnix_vm_share_writable")})',
+                COLOUR_TEXT,
+                prop("thresholds", steps_value((None, "green"), (1, "orange"))),
             ),
             (
                 "Firing alerts",
@@ -892,13 +944,16 @@ def fleet_dashboard() -> models.Dashboard:
         ).span(12),
         timeseries_panel(
             "VM shares by state",
-            "VM shares that are stale, deleted, down or pruned on the next switch, across the selected hosts.",
+            "VM shares that are stale, deleted, down or pruned on the next switch, that expose a whole store "
+            "or that the guest can write, across the selected hosts.",
             "none",
             thresholds((None, "green"), (1, "red")),
             target(count_or_zero(f'sum({vm("sopsnix_vm_serving_stale_generation")})'), "A", "stale"),
             target(count_or_zero(f'sum({vm("sopsnix_vm_serving_deleted_generation")})'), "B", "deleted"),
             target(count_or_zero(f'count({vm("sopsnix_vm_share_up")} == 0)'), "C", "down"),
             target(count_or_zero(f'sum({vm("sopsnix_vm_share_pruned_on_next_switch")})'), "D", "pruned on next switch"),
+            target(count_or_zero(f'sum({vm("sopsnix_vm_share_exposes_store")})'), "E", "exposing the store"),
+            target(count_or_zero(f'sum({vm("sopsnix_vm_share_writable")})'), "F", "writable"),
         ).span(12),
     )
     return builder.build()

@@ -196,3 +196,65 @@ def test_example_routing_pages_tickets_drops_and_inhibits(scratch):
     for payload in hook.payloads():
         assert set(payload["groupLabels"]) == {"instance", "vm"}
         assert len({a["labels"]["vm"] for a in payload["alerts"]}) == 1
+
+
+def test_share_of_the_mount_point_pages_and_writable_share_tickets(make_store, shares, scratch, serve):
+    """Issue 14: real Rust virtiofsd processes, one sharing the store's mount point (read-only: it pages for
+    the exposure alone), one sharing the symlink without --readonly (a ticket), one doing it right (silent)."""
+    store = make_store("ramfs")
+    state_dir = scratch / "microvms"
+    mountpoint = str(store.mountpoint)
+    store.switch(SAMPLE_SECRETS, keep_generations=0)
+    shares(source=store.mountpoint, vm="exposing", state_dir=state_dir, readonly=True, real=True)
+    shares(source=store.symlink, vm="writable", state_dir=state_dir, real=True)
+    shares(source=store.symlink, vm="right", state_dir=state_dir, readonly=True, real=True)
+
+    exporter = serve(
+        {
+            "stores": [{"mountpoint": mountpoint, "symlink": str(store.symlink), "keep_generations": 0}],
+            "microvm": {"state_dir": str(state_dir)},
+        }
+    )
+    instance = exporter.url.removeprefix("http://")
+    rules = scratch / "sops-nix.rules.yml"
+    rules.write_text(build.render(for_scale=1 / 60))
+
+    with WebhookReceiver() as hook:
+        config = alertmanager_test_copy(scratch, hook)
+        with Alertmanager.start(scratch, config) as alertmanager, Prometheus.start(
+            scratch, [instance], alertmanager_url=alertmanager.url
+        ) as prometheus:
+            prometheus.wait_for("sopsnix_vm_share_exposes_store", lambda r: len(r) == 3)
+            prometheus.wait_for("sopsnix_vm_share_writable", lambda r: len(r) == 3)
+            prometheus.load_rules([rules])
+
+            page = hook.wait_for(named("SopsNixVMShareExposesStore"), name="page", timeout=60)
+            assert page["labels"] == {
+                "alertname": "SopsNixVMShareExposesStore",
+                "severity": "critical",
+                "instance": instance,
+                "job": "sops-nix",
+                "vm": "exposing",
+                "share": "secrets",
+                "mountpoint": mountpoint,
+            }
+            description = page["annotations"]["description"]
+            assert description.startswith(
+                f"Share secrets of VM exposing on {instance} shares {mountpoint}, the mount point of store {mountpoint}"
+            ), description
+            assert f"Share {store.symlink} (or a subdirectory" in description, description
+            assert page["annotations"]["runbook_url"] == f"{build.DEFAULT_RUNBOOK_BASE}#sopsnixvmshareexposesstore"
+
+            ticket = hook.wait_for(named("SopsNixVMShareWritable"), name="ticket", timeout=60)
+            assert ticket["labels"]["vm"] == "writable", ticket
+            assert f"serves {store.symlink} of {mountpoint} without --readonly" in ticket["annotations"]["description"]
+            # Writable's scaled `for` is 10s: give a wrong ticket for a read-only share the time to arrive.
+            time.sleep(3)
+
+    assert {(a["labels"]["alertname"], a["labels"]["vm"]) for a in hook.alerts("page")} == {
+        ("SopsNixVMShareExposesStore", "exposing")
+    }
+    assert {(a["labels"]["alertname"], a["labels"]["vm"]) for a in hook.alerts("ticket")} == {
+        ("SopsNixVMShareWritable", "writable")
+    }
+    assert not hook.payloads("drop")

@@ -367,3 +367,16 @@ def test_every_panel_query_returns_data_from_the_real_exporter(make_store, pinne
         ]  # fmt: skip
         result = prometheus.query(substitute(state_query["expr"], "sops-nix", [instance], None))
         assert {s["metric"]["vm"]: int(float(s["value"][1])) for s in result} == EXPECTED_SHARE_STATES
+
+        # The exposure columns: no share of the scenario is a mount point; every served one is started without
+        # --readonly, and the declared share nothing serves has no writable value at all.
+        def column(metric: str) -> dict[str, int]:
+            (query,) = [
+                q for p in panels(dashboards["sops-nix-host.json"]) if p["title"] == "VM shares"
+                for q in p["targets"] if metric in q["expr"]
+            ]  # fmt: skip
+            result = prometheus.query(substitute(query["expr"], "sops-nix", [instance], None))
+            return {s["metric"]["vm"]: int(float(s["value"][1])) for s in result}
+
+        assert column("sopsnix_vm_share_exposes_store") == dict.fromkeys(EXPECTED_SHARE_STATES, 0)
+        assert column("sopsnix_vm_share_writable") == {"current-vm": 1, "stale-vm": 1, "deleted-vm": 1}
