@@ -160,11 +160,16 @@ class RealVirtiofsd:
 
 def make_cgroup(vm: str) -> tuple[Path, Path] | None:
     """(unit, slice): SLICE/microvm-virtiofsd@VM.service in a fresh test slice, or None without cgroup v2."""
+    return make_unit_cgroup(f"microvm-virtiofsd@{vm}.service")
+
+
+def make_unit_cgroup(unit: str) -> tuple[Path, Path] | None:
+    """(unit, slice): SLICE/UNIT in a fresh test slice, as systemd names a unit's cgroup; None without cgroup v2."""
     root = cgroup2_root()
     if root is None:
         return None
     slice_dir = root / f"sopsnix-test-{secrets.token_hex(4)}.slice"
-    unit_dir = slice_dir / f"microvm-virtiofsd@{vm}.service"
+    unit_dir = slice_dir / unit
     unit_dir.mkdir(parents=True)
     return unit_dir, slice_dir
 

@@ -9,6 +9,7 @@ from prometheus_client.core import Metric
 from sops_nix_exporter.collector.frame import Collector, MetricSpec, Problem, Snapshot
 from sops_nix_exporter.collector.stores import MP, StoresCollector
 from sops_nix_exporter.config import Config
+from sops_nix_exporter.readers.mounts import Consumer
 from sops_nix_exporter.readers.shares import FILE_HANDLE, Share, SharesResult, scan_shares
 from sops_nix_exporter.stores.scan import StoreScan
 
@@ -69,6 +70,22 @@ VM_SHARE_WRITABLE = MetricSpec(
     "it is read-only; absent while nothing serves it.",
     SHARE,
 )
+CONSUMER = ("consumer", "kind", "mountpoint")
+CONSUMER_SERVING_GENERATION = MetricSpec(
+    "sopsnix_consumer_serving_generation",
+    "The generation a container's, service's or process's mount of the store holds; kind is container, "
+    "service or process.",
+    CONSUMER,
+)
+CONSUMER_SERVING_STALE = MetricSpec(
+    "sopsnix_consumer_serving_stale_generation", "1 if the consumer's mount holds a generation other than the current one.",
+    CONSUMER,
+)
+CONSUMER_SERVING_DELETED = MetricSpec(
+    "sopsnix_consumer_serving_deleted_generation",
+    "1 if the generation the consumer's mount holds has been deleted: the consumer sees an empty directory.",
+    CONSUMER,
+)
 VM_RUNNING = MetricSpec(
     "sopsnix_vm_running",
     "1 for a VM that declares a share of a store and runs (microvm.nix's STATE_DIR/VM/booted exists), 0 for "
@@ -99,7 +116,8 @@ class SharesCollector(Collector[SharesResult]):
     metrics = (
         VM_SHARE_INFO, VM_SHARE_UP, VM_SERVING_GENERATION, VM_SERVING_STALE, VM_SERVING_DELETED,
         VM_GENERATIONS_BEHIND, VM_PRUNED_ON_NEXT_SWITCH, VM_SHARE_DETECTION, PINNED_GENERATIONS, RECOMMENDED_KEEP,
-        VM_SHARE_EXPOSES_STORE, VM_SHARE_WRITABLE, VM_RUNNING, CAPABILITY,
+        VM_SHARE_EXPOSES_STORE, VM_SHARE_WRITABLE, VM_RUNNING, CONSUMER_SERVING_GENERATION, CONSUMER_SERVING_STALE,
+        CONSUMER_SERVING_DELETED, CAPABILITY,
     )  # fmt: skip
 
     def __init__(self, config: Config, proc: str = "/proc") -> None:
@@ -133,6 +151,14 @@ class SharesCollector(Collector[SharesResult]):
                                       for g in result.stores if g.recommended_keep_generations is not None)  # fmt: skip
         yield VM_SHARE_EXPOSES_STORE.family(each(shares, lambda s: s.exposes_store))
         yield VM_SHARE_WRITABLE.family(each([s for s in shares if s.writable is not None], lambda s: s.writable))
+        consumers = result.consumers
+
+        def by_consumer(value):
+            return [((c.consumer, c.kind, c.mountpoint), float(value(c))) for c in consumers]
+
+        yield CONSUMER_SERVING_GENERATION.family(by_consumer(lambda c: c.generation))
+        yield CONSUMER_SERVING_STALE.family(by_consumer(lambda c: c.verdict.stale))
+        yield CONSUMER_SERVING_DELETED.family(by_consumer(lambda c: c.verdict.deleted))
         yield VM_RUNNING.family(((vm,), float(running)) for vm, running in sorted(result.vms.items()))
         yield CAPABILITY.family(((name,), float(held)) for name, held in sorted(result.capabilities.items()))
 
@@ -140,6 +166,8 @@ class SharesCollector(Collector[SharesResult]):
         for group in result.stores:
             for share in group.shares:
                 yield from share_problems(share, group.store)
+            for consumer in group.consumers:
+                yield from consumer_problems(consumer, group.store)
         # /proc/PID/root needs the ptrace check; /proc/PID/fd (a root-owned 0500 directory) needs both.
         if result.unreadable_processes and not all(result.capabilities.get(c) for c in PROC_CAPABILITIES):
             yield Problem(
@@ -154,6 +182,8 @@ class SharesCollector(Collector[SharesResult]):
         for group in result.stores:
             for share in group.shares:
                 yield share_summary(share, group.store)
+            for consumer in group.consumers:
+                yield consumer_summary(consumer, group.store)
         for vm, running in sorted(result.vms.items()):
             if not running:
                 yield f"VM {vm}: stopped (declared in current/, not booted): its shares are not expected to be served"
@@ -237,3 +267,37 @@ def share_summary(share: Share, store: StoreScan) -> str:
     state = "deleted" if share.verdict.deleted else "stale" if share.verdict.stale else "current"
     current = store.current.number if store.current else None
     return f"{who}: serves generation {share.served_generation}, current {current}: {state}"
+
+
+def restart_hint(consumer: Consumer) -> str:
+    """How to make a consumer mount the current generation: its mount is resolved when it starts."""
+    name = consumer.consumer
+    if consumer.kind == "container" and name.startswith("container@"):
+        return f"restart the NixOS container: nixos-container restart {name.removeprefix('container@').removesuffix('.service')}"
+    if name.startswith(("docker-", "libpod-")):
+        engine = "docker" if name.startswith("docker-") else "podman"
+        container = name.split("-", 1)[1].removesuffix(".scope")[:12]
+        return f"restart the container ({engine} restart {container}) so its volume mounts the current generation"
+    if consumer.kind in ("container", "service"):
+        return f"systemctl restart {name}"
+    return f"restart the process {name} (PID {consumer.pid}) so that it mounts the current generation"
+
+
+def consumer_problems(consumer: Consumer, store: StoreScan) -> Iterator[Problem]:
+    who = f"{consumer.kind} {consumer.consumer} ({consumer.mountpoint})"
+    key = f"consumer/{consumer.kind}/{consumer.consumer}/{consumer.mountpoint}"
+    current = store.current.number if store.current else None
+    if consumer.verdict.deleted:
+        yield Problem(f"{key}:deleted", f"{who}: its mount holds generation {consumer.generation}, which was "
+                      "deleted: it sees an empty secrets directory", restart_hint(consumer),
+                      severity="critical")  # fmt: skip
+    elif consumer.verdict.stale:
+        yield Problem(f"{key}:stale", f"{who}: its mount holds generation {consumer.generation}, current is "
+                      f"{current}: it does not see rotated secrets", restart_hint(consumer))  # fmt: skip
+
+
+def consumer_summary(consumer: Consumer, store: StoreScan) -> str:
+    state = "deleted" if consumer.verdict.deleted else "stale" if consumer.verdict.stale else "current"
+    current = store.current.number if store.current else None
+    return (f"{consumer.kind} {consumer.consumer} ({consumer.mountpoint}): mounts generation {consumer.generation}, "
+            f"current {current}: {state}")

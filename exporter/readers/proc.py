@@ -72,6 +72,42 @@ def find(proc: str, name: str) -> list[Process]:
     return found
 
 
+def processes(proc: str) -> list[tuple[int, bytes]]:
+    """(PID, command name with its newline) of every process that is still there when asked."""
+    found = []
+    for entry in os.listdir(proc):
+        if entry.isdigit():
+            try:
+                found.append((int(entry), read(f"{proc}/{entry}/comm", 64)))
+            except OSError:
+                continue  # exited, or not ours to read
+    return found
+
+
+def mount_namespace(pid: int, proc: str) -> str | None:
+    """The process's mount namespace ("mnt:[4026531841]"); None when it is closed to us (another user's
+    process, without CAP_SYS_PTRACE) or gone."""
+    try:
+        return os.readlink(f"{proc}/{pid}/ns/mnt")
+    except OSError:
+        return None
+
+
+def mount_namespace_of_self(proc: str) -> str | None:
+    try:
+        return os.readlink(f"{proc}/self/ns/mnt")
+    except OSError:
+        return None
+
+
+def mountinfo_text(pid: int, proc: str) -> str | None:
+    try:
+        with open(f"{proc}/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 def cgroup(pid: int, proc: str) -> str | None:
     try:
         with open(f"{proc}/{pid}/cgroup", encoding="utf-8", errors="replace") as f:

@@ -14,8 +14,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from sops_nix_exporter.readers import microvm, virtiofsd
+from sops_nix_exporter.readers import microvm, mounts, virtiofsd
 from sops_nix_exporter.readers import proc as procfs
+from sops_nix_exporter.readers.mounts import Consumer
+from sops_nix_exporter.readers.verdict import Verdict, serving
 from sops_nix_exporter.readers.virtiofsd import Held, StoreIdentity
 from sops_nix_exporter.stores.scan import StoreScan
 
@@ -25,19 +27,6 @@ from sops_nix_exporter.stores.scan import StoreScan
 # told then; that open mount point is not a share of the whole store.
 FILE_HANDLE = "file_handle"
 UNKNOWN = microvm.UNKNOWN
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """What a share's generation means, against its store's current generation and keepGenerations."""
-
-    known: bool = False  # what it serves could be told (not denied, not a file handle, not down)
-    stale: bool = False
-    deleted: bool = False
-    generations_behind: int | None = None
-    pruned_on_next_switch: bool | None = None  # None when unknowable (no keepGenerations, nothing served)
-    # The smallest keepGenerations under which the next switch spares the served generation; None if none does.
-    keep_to_spare: int | None = None
 
 
 @dataclass(slots=True)
@@ -70,24 +59,14 @@ class Share:
 
 
 def judge(share: Share, store: StoreScan) -> Verdict:
-    """The verdicts on one share, from its store. The next switch makes current + 1 current and deletes every
-    generation <= current + 1 - keep, so a served generation s survives it when keep >= current + 2 - s."""
+    """The verdicts on one share, from its store (readers/verdict.py)."""
     held = share.held
     if held is None:
         return Verdict()
     known = held.method not in ("denied", FILE_HANDLE)
-    served = held.generation
-    current = store.current.number if store.current else None
-    keep = store.keep_generations
-    if held.whole_store or served is None:
+    if held.whole_store or held.generation is None:
         return Verdict(known=known, stale=held.deleted, deleted=held.deleted)
-    behind = current - served if current is not None else None
-    pruned_next = None
-    if keep is not None and current is not None:
-        pruned_next = False if held.deleted or keep == 0 else served <= current + 1 - keep
-    keep_to_spare = max(1, current + 2 - served) if current is not None and not held.deleted else None
-    return Verdict(known=known, stale=served != current, deleted=held.deleted, generations_behind=behind,
-                   pruned_on_next_switch=pruned_next, keep_to_spare=keep_to_spare)  # fmt: skip
+    return serving(held.generation, held.deleted, store, known=known)
 
 
 @dataclass(slots=True)
@@ -96,11 +75,13 @@ class StoreShares:
 
     store: StoreScan
     shares: list[Share] = field(default_factory=list)
+    consumers: list[Consumer] = field(default_factory=list)  # containers, services, processes (readers/mounts)
 
     @property
     def pinned_generations(self) -> set[int]:
-        """Distinct generations some running share serves."""
-        return {s.served_generation for s in self.shares if s.served_generation is not None}
+        """Distinct generations some running share or consumer holds."""
+        served = {s.served_generation for s in self.shares if s.served_generation is not None}
+        return served | {c.generation for c in self.consumers}
 
     @property
     def recommended_keep_generations(self) -> int | None:
@@ -111,7 +92,8 @@ class StoreShares:
             return None
         if any(s.up and not s.verdict.known for s in self.shares):
             return None
-        return max([1] + [s.verdict.keep_to_spare for s in self.shares if s.verdict.keep_to_spare is not None])
+        verdicts = [s.verdict for s in self.shares] + [c.verdict for c in self.consumers]
+        return max([1] + [v.keep_to_spare for v in verdicts if v.keep_to_spare is not None])
 
 
 @dataclass(slots=True)
@@ -119,6 +101,12 @@ class SharesResult:
     stores: list[StoreShares] = field(default_factory=list)
     # Each VM that declares a share of a store -> whether it runs (STATE_DIR/VM/booted exists).
     vms: dict[str, bool] = field(default_factory=dict)
+    namespaces: int = 0  # distinct mount namespaces read for consumers
+    unreadable_namespaces: int = 0  # processes whose mount table could not be read
+
+    @property
+    def consumers(self) -> list[Consumer]:
+        return [consumer for group in self.stores for consumer in group.consumers]
     capabilities: dict[str, bool] = field(default_factory=dict)
     unreadable_processes: int = 0  # virtiofsd processes some of whose state needs CAP_SYS_PTRACE
 
@@ -202,7 +190,8 @@ def _severity(share: Share) -> tuple[int, int]:
 
 
 def scan_shares(stores: list[StoreScan], state_dir: str, proc: str = "/proc") -> SharesResult:
-    """Every share of the (listable) stores: those virtiofsd serves, then those declared that nothing serves."""
+    """Every reader of the (listable) stores: the VM shares virtiofsd serves, those declared that nothing
+    serves, and the consumers whose mount namespace holds a generation."""
     result = SharesResult(capabilities=procfs.effective_capabilities(proc))
     declared = [d for d in microvm.declared_shares(state_dir) if store_for_source(d.source, stores) is not None]
     identities = {s.mountpoint: store_identity(s) for s in stores}
@@ -272,5 +261,11 @@ def scan_shares(stores: list[StoreScan], state_dir: str, proc: str = "/proc") ->
         group = by_store[share.mountpoint]
         share.verdict = judge(share, group.store)
         group.shares.append(share)
+    found = mounts.scan_consumers(stores, proc)
+    result.namespaces, result.unreadable_namespaces = found.namespaces, found.unreadable
+    for consumer in found.consumers:
+        group = by_store[consumer.mountpoint]
+        consumer.verdict = serving(consumer.generation, consumer.deleted, group.store)
+        group.consumers.append(consumer)
     result.stores = list(by_store.values())
     return result

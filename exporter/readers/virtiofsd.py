@@ -117,7 +117,7 @@ class StoreIdentity:
     generations: dict[tuple[int, int], int]  # (device, inode) of each generation directory -> its number
 
 
-def _generation_from_relative(relative: str, prefix: str = "/") -> tuple[int | None, bool, bool]:
+def generation_in_fs(relative: str, prefix: str = "/") -> tuple[int | None, bool, bool]:
     """A path inside the store's filesystem ('/3', '/3/rendered', '/3//deleted' in a mount table) ->
     (3, deleted?, is the mount point itself?). prefix is where the mount point sits in that filesystem."""
     deleted = relative.endswith(DELETED_MOUNTINFO_SUFFIX)
@@ -138,7 +138,7 @@ def _generation_from_link(link: str, store: StoreIdentity) -> tuple[int | None, 
     deleted = link.endswith(DELETED_LINK_SUFFIX)
     if deleted:
         link = link[: -len(DELETED_LINK_SUFFIX)]
-    number, _, whole = _generation_from_relative(link, store.real_mountpoint)
+    number, _, whole = generation_in_fs(link, store.real_mountpoint)
     return number, deleted, whole
 
 
@@ -211,7 +211,7 @@ def _from_mountinfo(pid: int, store: StoreIdentity, proc: str) -> Held | None:
     if not roots or roots[-1].device not in store.devices:
         return None
     top = roots[-1]
-    number, deleted, whole = _generation_from_relative(top.root, store.fs_path)
+    number, deleted, whole = generation_in_fs(top.root, store.fs_path)
     if whole and not deleted:
         return Held("mountinfo", whole_store=True, device=top.device)
     if number is None:

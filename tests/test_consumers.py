@@ -1,0 +1,184 @@
+"""Issue 14: containers, services and processes that bind-mount a store's symlink pin one generation, as
+virtiofsd does. Real mount namespaces (unshare) that bind-mount the real symlink of a real ramfs store, in
+real cgroups named as systemd names those units; a process inside lists the mount, so the prune that empties
+it is seen from inside, then the exporter must tell the same."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from sops_nix_exporter import app
+from sops_nix_exporter.check import report
+from sops_nix_exporter.config import parse_config
+
+from pinning import make_unit_cgroup, remove_cgroup
+from scrape import samples, value
+from sopsnix import SAMPLE_SECRETS
+from tools import require_tool
+
+# In its own mount namespace: bind the symlink (mount(2) follows it: the generation it names now) on a
+# directory, then answer each line on stdin with a listing of that directory. The paths are arguments.
+INSIDE = '''
+mount --bind "$1" "$2" || exit 1
+echo ready
+while read -r _; do ls -A "$2"; echo @@end; done
+'''
+
+
+class Reader:
+    """A process in a mount namespace of its own holding a bind mount of `source`, in cgroup UNIT (or none)."""
+
+    def __init__(self, source: Path, target: Path, unit: str | None) -> None:
+        unshare = require_tool("unshare", "util-linux")
+        target.mkdir(parents=True, exist_ok=True)
+        self.dirs = make_unit_cgroup(unit) if unit else None
+        join = f'echo $$ > "{self.dirs[0] / "cgroup.procs"}" && ' if self.dirs else ""
+        # Join the cgroup, then become the namespace's process (exec keeps the PID: ours to end).
+        command = ["sh", "-c", join + 'exec "$@"', "sh", unshare, "-m", "--propagation", "private",
+                   "sh", "-c", INSIDE, "reader", str(source), str(target)]  # fmt: skip
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        line = self._line(10)
+        if line != b"ready\n":
+            self.stop()
+            pytest.skip(f"cannot bind-mount in a new mount namespace here: {line!r}")
+
+    def _line(self, timeout: float) -> bytes:
+        assert self.process.stdout is not None
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.process.stdout, selectors.EVENT_READ)
+            if not selector.select(timeout):
+                return b""
+        return self.process.stdout.readline()
+
+    def listing(self) -> list[str]:
+        """What the process inside sees in its mount, now."""
+        assert self.process.stdin is not None
+        self.process.stdin.write(b"\n")
+        self.process.stdin.flush()
+        names = []
+        while (line := self._line(10)) not in (b"@@end\n", b""):
+            names.append(line.decode().rstrip("\n"))
+        return names
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        for pipe in (self.process.stdin, self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                pipe.close()
+        if self.dirs:
+            remove_cgroup([self.dirs[0]], [self.dirs[1]])
+
+
+@pytest.fixture
+def readers(require_root, scratch):
+    started: list[Reader] = []
+
+    def start(source: Path, unit: str | None = None) -> Reader:
+        reader = Reader(source, scratch / f"target-{len(started)}", unit)
+        started.append(reader)
+        return reader
+
+    yield start
+    for reader in reversed(started):
+        reader.stop()
+
+
+def consumer_values(found: dict, consumer: str, kind: str, mountpoint: str) -> dict[str, float | None]:
+    labels = {"consumer": consumer, "kind": kind, "mountpoint": mountpoint}
+    return {
+        "serving": value(found, "sopsnix_consumer_serving_generation", **labels),
+        "stale": value(found, "sopsnix_consumer_serving_stale_generation", **labels),
+        "deleted": value(found, "sopsnix_consumer_serving_deleted_generation", **labels),
+    }
+
+
+def scrape(config: dict) -> tuple[str, dict]:
+    from prometheus_client import generate_latest
+
+    _, registry = app.build(parse_config(config), process_metrics=False)
+    text = generate_latest(registry).decode()
+    return text, samples(text)
+
+
+def test_bind_mounts_pin_a_generation_and_a_prune_empties_them(make_store, readers, scratch, promtool_check):
+    store = make_store("ramfs")
+    store.switch(SAMPLE_SECRETS)
+    mp = str(store.mountpoint)
+    config = {"stores": [{"mountpoint": mp, "symlink": str(store.symlink), "keep_generations": 1}],
+              "microvm": {"state_dir": str(scratch / "microvms")}}  # fmt: skip
+    container = readers(store.symlink, "container@web.service")  # a NixOS container's bindMounts
+    nspawn = readers(store.symlink, "systemd-nspawn@db.service")
+    service = readers(store.symlink, "backup.service")  # BindReadOnlyPaths=/run/secrets
+    process = readers(store.symlink)  # no unit: named by its command name
+    inside = sorted(SAMPLE_SECRETS)[0].split("/")[0]
+    assert inside in container.listing()
+
+    text, found = scrape(config)
+    promtool_check(text)
+    named = {("container@web.service", "container"): container, ("systemd-nspawn@db.service", "container"): nspawn,
+             ("backup.service", "service"): service, ("sh", "process"): process}  # fmt: skip
+    for (consumer, kind) in named:
+        assert consumer_values(found, consumer, kind, mp) == {"serving": 1, "stale": 0, "deleted": 0}, consumer
+    # Each namespace is one consumer; the test process's own namespace (the exporter's here) is none.
+    assert len([k for k in found if k[0] == "sopsnix_consumer_serving_generation"]) == 4
+    assert value(found, "sopsnix_pinned_generations", mountpoint=mp) == 1
+    # keepGenerations = 1 deletes generation 1 at the next switch: keep 2 would spare what they hold.
+    assert value(found, "sopsnix_recommended_keep_generations", mountpoint=mp) == 2
+
+    # The switch, then the prune that keepGenerations = 1 does: every reader's directory turns empty.
+    store.switch({"db-password": "rotated\n"}, keep_generations=1)
+    assert container.listing() == [] and service.listing() == []
+    text, found = scrape(config)
+    promtool_check(text)
+    for (consumer, kind) in named:
+        assert consumer_values(found, consumer, kind, mp) == {"serving": 1, "stale": 1, "deleted": 1}, consumer
+    exporter, _ = app.build(parse_config(config), process_metrics=False)
+    report_text, code = report(exporter.collect())
+    assert code == 1
+    assert "container container@web.service" in report_text and "nixos-container restart web" in report_text
+    assert "systemctl restart backup.service" in report_text
+    assert "which was deleted" in report_text
+
+    # Restarted (a fresh namespace mounts the symlink again): current, not stale.
+    service.stop()
+    readers(store.symlink, "backup.service")
+    _, found = scrape(config)
+    assert consumer_values(found, "backup.service", "service", mp) == {"serving": 2, "stale": 0, "deleted": 0}
+
+
+def test_keep_generations_zero_keeps_the_consumer_on_old_secrets(make_store, readers, scratch):
+    store = make_store("tmpfs")
+    store.switch(SAMPLE_SECRETS, keep_generations=0)
+    mp = str(store.mountpoint)
+    config = {"stores": [{"mountpoint": mp, "symlink": str(store.symlink), "keep_generations": 0}],
+              "microvm": {"state_dir": str(scratch / "microvms")}}  # fmt: skip
+    reader = readers(store.symlink, "app.service")
+    store.switch({"db-password": "rotated\n"}, keep_generations=0)
+    store.switch({"db-password": "rotated again\n"}, keep_generations=0)
+    assert "db-password" in reader.listing()
+    _, found = scrape(config)
+    assert consumer_values(found, "app.service", "service", mp) == {"serving": 1, "stale": 1, "deleted": 0}
+    assert value(found, "sopsnix_recommended_keep_generations", mountpoint=mp) == 4
+
+
+def test_a_mount_of_the_whole_store_is_not_a_consumer(make_store, readers, scratch):
+    """The host's own mount of the store (root /) reads every generation: not a consumer."""
+    store = make_store("ramfs")
+    store.switch(SAMPLE_SECRETS)
+    mp = str(store.mountpoint)
+    readers(store.mountpoint, "whole.service")
+    _, found = scrape({"stores": [{"mountpoint": mp, "symlink": str(store.symlink)}],
+                       "microvm": {"state_dir": str(scratch / "microvms")}})  # fmt: skip
+    assert not [k for k in found if k[0] == "sopsnix_consumer_serving_generation"]
