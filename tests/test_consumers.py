@@ -182,3 +182,39 @@ def test_a_mount_of_the_whole_store_is_not_a_consumer(make_store, readers, scrat
     _, found = scrape({"stores": [{"mountpoint": mp, "symlink": str(store.symlink)}],
                        "microvm": {"state_dir": str(scratch / "microvms")}})  # fmt: skip
     assert not [k for k in found if k[0] == "sopsnix_consumer_serving_generation"]
+
+
+def test_without_ptrace_every_consumer_is_still_seen(make_store, readers, scratch):
+    """As nobody in the keys group, without CAP_SYS_PTRACE: other users' ns/mnt links are closed, so
+    namespaces are told apart by their mount tables, which anyone may read. Nothing is missed."""
+    import yaml
+
+    from serving import NOBODY, exporter_env, setpriv_prefix, unprivileged_python
+
+    store = make_store("ramfs")
+    store.switch(SAMPLE_SECRETS)
+    readers(store.symlink, "container@web.service")
+    readers(store.symlink, "backup.service")
+    store.switch({"db-password": "rotated\n"}, keep_generations=0)
+    keys_gid = 64999
+    os.chown(store.mountpoint, 0, keys_gid)
+    os.chmod(store.mountpoint, 0o750)
+    os.chmod(scratch, 0o755)
+    mp = str(store.mountpoint)
+    config_path = scratch / "config.yml"
+    config_path.write_text(yaml.safe_dump({"stores": [{"mountpoint": mp, "symlink": str(store.symlink)}],
+                                           "microvm": {"state_dir": str(scratch / "microvms")}}))  # fmt: skip
+    config_path.chmod(0o644)
+    out = scratch / "out"
+    out.mkdir()
+    out.chmod(0o777)
+    result = subprocess.run(
+        [*setpriv_prefix(NOBODY, groups=(keys_gid,)), unprivileged_python(), "-m", "sops_nix_exporter", "textfile",
+         f"--config.file={config_path}", f"--output={out}/metrics.prom"],
+        env=exporter_env(), capture_output=True, text=True, cwd="/", timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    found = samples((out / "metrics.prom").read_text())
+    assert value(found, "sopsnix_exporter_capability", capability="CAP_SYS_PTRACE") == 0
+    for consumer, kind in (("container@web.service", "container"), ("backup.service", "service")):
+        assert consumer_values(found, consumer, kind, mp) == {"serving": 1, "stale": 1, "deleted": 0}, consumer
