@@ -30,8 +30,8 @@ DEFAULT_JOB = "sops-nix"
 DEFAULT_RUNBOOK_BASE = "https://github.com/sops-nix-exporter/sops-nix-exporter/blob/main/docs/runbooks.md"
 
 # No rule aggregates, and binary operators match on all labels but the ones they name in ignoring(), so an
-# alert keeps every label of the series it fires on: instance, job, mountpoint, vm, share, and whatever
-# target labels a site adds. Numbers beside the firing series come from `query` in the annotations.
+# alert keeps every label of the series it fires on: instance, job, mountpoint, vm, share, consumer, kind, and
+# whatever target labels a site adds. Numbers beside the firing series come from `query` in the annotations.
 
 
 def value_of(metric: str, labels: tuple[str, ...], format: str = 'printf "%.0f"') -> str:
@@ -46,6 +46,7 @@ def value_of(metric: str, labels: tuple[str, ...], format: str = 'printf "%.0f"'
 
 STORE = ("instance", "mountpoint")
 SHARE = ("instance", "vm", "share")
+CONSUMER = ("instance", "consumer", "kind", "mountpoint")
 
 CURRENT = value_of("sopsnix_current_generation", STORE)
 KEEP = value_of("sopsnix_keep_generations", STORE)
@@ -56,6 +57,7 @@ BUDGET = value_of("sopsnix_memory_budget_bytes", STORE, "humanize1024") + "B"
 GENERATIONS = value_of("sopsnix_generations", STORE)
 PER_GENERATION = value_of("sopsnix:memory_per_generation:bytes", STORE, "humanize1024") + "B"
 SWITCHES = value_of("sopsnix:switches:per_day", STORE)
+HELD = value_of("sopsnix_consumer_serving_generation", CONSUMER)
 
 
 def label_of(metric: str, labels: tuple[str, ...], label: str) -> str:
@@ -201,6 +203,54 @@ def vm_alerts() -> list[dict]:
     ]
 
 
+# How to make a consumer mount the current generation, as `check` says it (restart_hint in
+# exporter/collector/shares.py): its bind mount resolved the symlink when its namespace was set up.
+RESTART_CONSUMER = (
+    '{{ if match "^container@.+[.]service$" $labels.consumer }}Restart the NixOS container: nixos-container '
+    'restart {{ reReplaceAll "^container@(.+)[.]service$" "$1" $labels.consumer }}'
+    '{{ else if match "^docker-" $labels.consumer }}Restart the container: docker restart '
+    '{{ reReplaceAll "^docker-(.{1,12}).*$" "$1" $labels.consumer }}'
+    '{{ else if match "^libpod-" $labels.consumer }}Restart the container: podman restart '
+    '{{ reReplaceAll "^libpod-(.{1,12}).*$" "$1" $labels.consumer }}'
+    '{{ else if eq $labels.kind "process" }}Restart whatever started the process {{ $labels.consumer }}'
+    "{{ else }}Restart it: systemctl restart {{ $labels.consumer }}{{ end }}"
+)
+
+
+def consumer_alerts() -> list[dict]:
+    consumer = "{{ $labels.kind }} {{ $labels.consumer }} on {{ $labels.instance }}"
+    Consumer = "The " + consumer  # noqa: N806 (the same words at the start of a sentence)
+    return [
+        alert(
+            "SopsNixConsumerServingDeletedGeneration", "critical",
+            "sopsnix_consumer_serving_deleted_generation == 1",
+            # As for a VM: a consumer restarted by the switch that pruned its generation mounts the new one
+            # within the minute.
+            "1m",
+            "{{ $labels.kind | title }} {{ $labels.consumer }} mounts a deleted secrets generation: its "
+            "secrets directory is empty",
+            f"""{Consumer} bind-mounts generation {HELD} of {{{{ $labels.mountpoint }}}}, which has
+            been deleted; the store's current generation is {CURRENT}. It sees an empty secrets directory, so
+            whatever in it reads a secret fails. {RESTART_CONSUMER} so that it mounts the current
+            generation.""",
+        ),
+        alert(
+            "SopsNixConsumerServingStaleGeneration", "warning",
+            multiline(
+                """
+                sopsnix_consumer_serving_stale_generation == 1
+                  unless sopsnix_consumer_serving_deleted_generation == 1
+                """
+            ),
+            "1h",
+            "{{ $labels.kind | title }} {{ $labels.consumer }} has not seen rotated secrets for an hour",
+            f"""{Consumer} bind-mounts generation {HELD} of {{{{ $labels.mountpoint }}}}, older than
+            the current one ({CURRENT}): it still reads the secrets of before the last rotation.
+            {RESTART_CONSUMER} so that it mounts the current generation.""",
+        ),
+    ]
+
+
 def store_alerts() -> list[dict]:
     store = "store {{ $labels.mountpoint }} on {{ $labels.instance }}"
     return [
@@ -295,6 +345,7 @@ def rules(job: str = DEFAULT_JOB, runbook_base: str = DEFAULT_RUNBOOK_BASE, for_
         # of the same evaluation, never one interval late.
         {"name": "sops-nix.stores", "rules": recording_rules() + store_alerts()},
         {"name": "sops-nix.vms", "rules": vm_alerts()},
+        {"name": "sops-nix.consumers", "rules": consumer_alerts()},
         {"name": "sops-nix.exporter", "rules": exporter_alerts(job)},
     ]
     for group in groups:

@@ -33,6 +33,8 @@ CONTRACT = {
     "SopsNixVMServingStaleGeneration": ("warning", "1h"),
     "SopsNixVMShareExposesStore": ("critical", "1m"),
     "SopsNixVMShareWritable": ("warning", "10m"),
+    "SopsNixConsumerServingDeletedGeneration": ("critical", "1m"),
+    "SopsNixConsumerServingStaleGeneration": ("warning", "1h"),
     "SopsNixSecretsMemoryNearBudget": ("warning", "15m"),
     "SopsNixSecretsMemoryOverBudget": ("critical", "15m"),
     "SopsNixSecretsMemoryBudgetExhaustionPredicted": ("warning", "1h"),
@@ -114,12 +116,15 @@ def test_every_alert_has_severity_summary_description_and_runbook():
         for key, text in annotations.items():
             assert text.strip(), f"{name}: empty {key}"
         assert annotations["runbook_url"] == f"{build.DEFAULT_RUNBOOK_BASE}#{name.lower()}"
-        # The description names the host, and the VM and share or the store it is about.
+        # The description names the host, and the VM and share, the consumer and its kind, or the store.
         description = annotations["description"]
         assert "$labels.instance" in description or "{{ . }}" in description, name
         labels_used = set(re.findall(r"\$labels\.(\w+)", rule["expr"] + description))
         if name.startswith("SopsNixVM"):
             assert {"vm", "share", "mountpoint"} <= labels_used, name
+        elif name.startswith("SopsNixConsumer"):
+            assert {"consumer", "kind", "mountpoint"} <= labels_used, name
+            assert {"consumer", "kind"} <= set(re.findall(r"\$labels\.(\w+)", annotations["summary"])), name
         elif name.startswith("SopsNixS") or name == "SopsNixPendingGeneration":
             assert "mountpoint" in labels_used, name
 
@@ -149,7 +154,7 @@ def test_rules_select_by_metric_name_and_keep_identifying_labels():
     for rule in rules_of(RULES.read_text()):
         expr = rule["expr"]
         name = rule.get("alert") or rule["record"]
-        # No aggregation and no on()/without(): every alert keeps instance, mountpoint, vm and share.
+        # No aggregation and no on()/without(): every alert keeps instance, mountpoint, vm, share, consumer, kind.
         aggregation = r"\b(sum|min|max|avg|count|topk|bottomk|quantile|group)\b\s*(by|without)?\s*\("
         assert not re.search(aggregation, expr), name
         assert not re.search(r"\b(on|without|by)\s*\(\s*[a-z]", expr), name
@@ -248,6 +253,8 @@ def test_amtool_check_config():
         ({"alertname": "SopsNixVMServingDeletedGeneration", "severity": "critical"}, "page"),
         ({"alertname": "SopsNixExporterDown", "severity": "critical"}, "page"),
         ({"alertname": "SopsNixVMServingStaleGeneration", "severity": "warning"}, "ticket"),
+        ({"alertname": "SopsNixConsumerServingDeletedGeneration", "severity": "critical"}, "page"),
+        ({"alertname": "SopsNixConsumerServingStaleGeneration", "severity": "warning"}, "ticket"),
         ({"alertname": "SopsNixPendingGeneration", "severity": "info"}, "drop"),
         ({"alertname": "SomethingElse", "severity": "unknown"}, "ticket"),
     ],
@@ -262,7 +269,7 @@ def test_example_routes_by_severity(labels, receiver):
 
 def test_example_groups_by_host_and_vm_drops_info_and_inhibits_stale_under_deleted():
     config = yaml.safe_load(EXAMPLE.read_text())
-    assert config["route"]["group_by"] == ["instance", "vm"]
+    assert config["route"]["group_by"] == ["instance", "vm", "consumer"]
     receivers = {r["name"]: r for r in config["receivers"]}
     assert set(receivers["drop"]) == {"name"}, "the info receiver must notify nobody"
     inhibit = [
@@ -274,5 +281,16 @@ def test_example_groups_by_host_and_vm_drops_info_and_inhibits_stale_under_delet
             "source_matchers": ['alertname = "SopsNixVMServingDeletedGeneration"'],
             "target_matchers": ['alertname = "SopsNixVMServingStaleGeneration"'],
             "equal": ["instance", "vm", "share"],
+        }
+    ]
+    consumer_inhibit = [
+        rule for rule in config["inhibit_rules"]
+        if rule["target_matchers"] == ['alertname = "SopsNixConsumerServingStaleGeneration"']
+    ]  # fmt: skip
+    assert consumer_inhibit == [
+        {
+            "source_matchers": ['alertname = "SopsNixConsumerServingDeletedGeneration"'],
+            "target_matchers": ['alertname = "SopsNixConsumerServingStaleGeneration"'],
+            "equal": ["instance", "consumer", "kind", "mountpoint"],
         }
     ]
