@@ -65,11 +65,16 @@ def parser() -> argparse.ArgumentParser:
     textfile = sub.add_parser("textfile", help="scan once and write the metrics for node_exporter's textfile collector")
     _common(textfile)
     textfile.add_argument("--output", required=True, metavar="PATH", help="file to write, e.g. .../sops-nix.prom")
+
+    fingerprint = sub.add_parser(
+        "fingerprint", help="as root: write a keyed content fingerprint of every linked generation (reads secrets)"
+    )
+    _common(fingerprint)
     return top
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    commands = ("serve", "check", "textfile")
+    commands = ("serve", "check", "textfile", "fingerprint")
     if argv[:1] and argv[0] in ("-h", "--help", "--version"):
         return parser().parse_args(argv)
     # The command may follow its flags (`--log.format=json check`); without one, `serve` is meant.
@@ -142,12 +147,31 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def _fingerprint(config: Config) -> int:
+    """The privileged command, in its own unit: never part of serve, check or textfile."""
+    from sops_nix_exporter import fingerprint
+
+    try:
+        result = fingerprint.run(config)
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        sys.stderr.write(f"sops-nix-exporter: cannot fingerprint into {config.fingerprint_dir}: {reason}\n")
+        return EXIT_PROBLEM
+    for error in result.errors:
+        log.error("fingerprint failed", extra={"kv": {"where": error}})
+    log.info("fingerprinted", extra={"kv": {"written": result.written, "kept": result.kept,
+                                             "removed": result.removed, "errors": len(result.errors)}})  # fmt: skip
+    return EXIT_PROBLEM if result.errors else EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logs.setup(args.log_level, args.log_format)
     config = _load(args)
     if args.command == "serve":
         return _serve(args, config)
+    if args.command == "fingerprint":
+        return _fingerprint(config)
     exporter, registry = app.build(config, process_metrics=False)
     if args.command == "check":
         # The report on stdout is the one place each finding is told; stderr keeps the run's own errors

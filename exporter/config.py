@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 DEFAULT_MEMORY_BUDGET_RATIO = 0.01
 DEFAULT_MICROVM_STATE_DIR = "/var/lib/microvms"
+DEFAULT_FINGERPRINT_DIR = "/run/sops-nix-exporter/fingerprints"
 
 NonNegativeInt = Annotated[int, Field(ge=0, strict=True)]
 
@@ -63,9 +64,19 @@ def default_stores() -> list[StoreConfig]:
 
 class Config(_Strict):
     stores: list[StoreConfig] = Field(default_factory=default_stores)
+    # Where `fingerprint` writes and serve/check/textfile read the content fingerprints: on /run, gone at reboot
+    # like the generations they describe.
+    fingerprint_dir: str = DEFAULT_FINGERPRINT_DIR
     # strict, like the integers: a quoted "0.5" or a YAML true is a mistake, not a number.
     memory_budget_ratio: Annotated[float, Field(gt=0, le=1, strict=True)] = DEFAULT_MEMORY_BUDGET_RATIO
     microvm: MicrovmConfig = Field(default_factory=MicrovmConfig)
+
+    @field_validator("fingerprint_dir")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must be an absolute path")
+        return value.rstrip("/") or "/"
 
     @field_validator("stores")
     @classmethod

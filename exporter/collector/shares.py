@@ -9,6 +9,7 @@ from prometheus_client.core import Metric
 from sops_nix_exporter.collector.frame import Collector, MetricSpec, Problem, Snapshot
 from sops_nix_exporter.collector.stores import MP, StoresCollector
 from sops_nix_exporter.config import Config
+from sops_nix_exporter.readers.fingerprints import FingerprintReader
 from sops_nix_exporter.readers.mounts import Consumer
 from sops_nix_exporter.readers.shares import FILE_HANDLE, Share, SharesResult, scan_shares
 from sops_nix_exporter.stores.scan import StoreScan
@@ -86,6 +87,31 @@ CONSUMER_SERVING_DELETED = MetricSpec(
     "1 if the generation the consumer's mount holds has been deleted: the consumer sees an empty directory.",
     CONSUMER,
 )
+VM_SERVING_OUTDATED = MetricSpec(
+    "sopsnix_vm_serving_outdated_secrets",
+    "1 if some file of the subtree the share serves differs from, is missing from, or is new in the current "
+    "generation; 0 if identical; absent while either fingerprint is missing.",
+    SHARE,
+)
+VM_OUTDATED_FILES = MetricSpec(
+    "sopsnix_vm_outdated_secret_files", "How many files of the served subtree differ, were added or were removed.",
+    SHARE,
+)
+CONSUMER_SERVING_OUTDATED = MetricSpec(
+    "sopsnix_consumer_serving_outdated_secrets",
+    "1 if some file the consumer's mount holds differs from, is missing from, or is new in the current "
+    "generation; 0 if identical; absent while either fingerprint is missing.",
+    CONSUMER,
+)
+FINGERPRINTED_GENERATIONS = MetricSpec(
+    "sopsnix_fingerprinted_generations", "Generations of the store that have a content fingerprint.", MP
+)
+CURRENT_CHANGED_FILES = MetricSpec(
+    "sopsnix_current_generation_changed_files",
+    "Files that differ between the current generation and the one it replaced (0 when the last activation "
+    "changed nothing); absent when that is unknown.",
+    MP,
+)
 VM_RUNNING = MetricSpec(
     "sopsnix_vm_running",
     "1 for a VM that declares a share of a store and runs (microvm.nix's STATE_DIR/VM/booted exists), 0 for "
@@ -116,17 +142,21 @@ class SharesCollector(Collector[SharesResult]):
     metrics = (
         VM_SHARE_INFO, VM_SHARE_UP, VM_SERVING_GENERATION, VM_SERVING_STALE, VM_SERVING_DELETED,
         VM_GENERATIONS_BEHIND, VM_PRUNED_ON_NEXT_SWITCH, VM_SHARE_DETECTION, PINNED_GENERATIONS, RECOMMENDED_KEEP,
-        VM_SHARE_EXPOSES_STORE, VM_SHARE_WRITABLE, VM_RUNNING, CONSUMER_SERVING_GENERATION, CONSUMER_SERVING_STALE,
-        CONSUMER_SERVING_DELETED, CAPABILITY,
+        VM_SHARE_EXPOSES_STORE, VM_SHARE_WRITABLE, VM_SERVING_OUTDATED, VM_OUTDATED_FILES, VM_RUNNING,
+        CONSUMER_SERVING_GENERATION, CONSUMER_SERVING_STALE, CONSUMER_SERVING_DELETED, CONSUMER_SERVING_OUTDATED,
+        FINGERPRINTED_GENERATIONS, CURRENT_CHANGED_FILES, CAPABILITY,
     )  # fmt: skip
 
     def __init__(self, config: Config, proc: str = "/proc") -> None:
         self.config = config
         self.proc = proc
+        # Kept across scrapes: a fingerprint never changes once written, so each is parsed once.
+        self.fingerprints = FingerprintReader(config.fingerprint_dir)
 
     def scan(self, snapshot: Snapshot) -> SharesResult:
         stores = snapshot.result(StoresCollector)
-        return scan_shares([s for s in stores.stores if s.up], self.config.microvm.state_dir, self.proc)
+        return scan_shares([s for s in stores.stores if s.up], self.config.microvm.state_dir, self.proc,
+                           self.fingerprints)  # fmt: skip
 
     def families(self, result: SharesResult) -> Iterator[Metric]:
         shares = result.shares
@@ -151,6 +181,9 @@ class SharesCollector(Collector[SharesResult]):
                                       for g in result.stores if g.recommended_keep_generations is not None)  # fmt: skip
         yield VM_SHARE_EXPOSES_STORE.family(each(shares, lambda s: s.exposes_store))
         yield VM_SHARE_WRITABLE.family(each([s for s in shares if s.writable is not None], lambda s: s.writable))
+        compared = [s for s in shares if s.outdated_files is not None]
+        yield VM_SERVING_OUTDATED.family(each(compared, lambda s: s.outdated_files > 0))
+        yield VM_OUTDATED_FILES.family(each(compared, lambda s: s.outdated_files))
         consumers = result.consumers
 
         def by_consumer(value):
@@ -159,6 +192,12 @@ class SharesCollector(Collector[SharesResult]):
         yield CONSUMER_SERVING_GENERATION.family(by_consumer(lambda c: c.generation))
         yield CONSUMER_SERVING_STALE.family(by_consumer(lambda c: c.verdict.stale))
         yield CONSUMER_SERVING_DELETED.family(by_consumer(lambda c: c.verdict.deleted))
+        yield CONSUMER_SERVING_OUTDATED.family(((c.consumer, c.kind, c.mountpoint), float(c.outdated_files > 0))
+                                               for c in consumers if c.outdated_files is not None)  # fmt: skip
+        yield FINGERPRINTED_GENERATIONS.family(((g.store.mountpoint,), float(g.fingerprinted))
+                                               for g in result.stores if g.fingerprinted is not None)  # fmt: skip
+        yield CURRENT_CHANGED_FILES.family(((g.store.mountpoint,), float(g.changed_files))
+                                           for g in result.stores if g.changed_files is not None)  # fmt: skip
         yield VM_RUNNING.family(((vm,), float(running)) for vm, running in sorted(result.vms.items()))
         yield CAPABILITY.family(((name,), float(held)) for name, held in sorted(result.capabilities.items()))
 
@@ -247,7 +286,10 @@ def share_problems(share: Share, store: StoreScan) -> Iterator[Problem]:
                       f"{keep_text}, or 0 to never prune (each kept generation costs memory, and the VM reads "
                       f"stale secrets until restarted), or restart microvm@{share.vm} right after each "
                       "switch")  # fmt: skip
-    if verdict.stale:
+    if verdict.stale and share.outdated_files:
+        yield Problem(f"{key}:outdated", f"{who}: serves generation {served}, current is {current}: "
+                      f"{share.outdated_files} secret(s) outdated", restart)  # fmt: skip
+    elif verdict.stale and share.outdated_files is None:
         yield Problem(f"{key}:stale", f"{who}: serves generation {served}, current is {current}: "
                       "the VM does not see rotated secrets", restart)  # fmt: skip
 
@@ -264,8 +306,11 @@ def share_summary(share: Share, store: StoreScan) -> str:
         return f"{who}: served generation unknown (an unsandboxed virtiofsd holds it as a file handle)"
     if share.held.whole_store:
         return f"{who}: serves the store's whole mount point: every generation, and sops-nix's key file if it is there"
-    state = "deleted" if share.verdict.deleted else "stale" if share.verdict.stale else "current"
     current = store.current.number if store.current else None
+    state = "deleted" if share.verdict.deleted else "stale" if share.verdict.stale else "current"
+    if share.verdict.stale and not share.verdict.deleted and share.outdated_files is not None:
+        state = (f"{share.outdated_files} secret(s) outdated, restart microvm@{share.vm}" if share.outdated_files
+                 else "same secrets")  # fmt: skip
     return f"{who}: serves generation {share.served_generation}, current {current}: {state}"
 
 
@@ -291,13 +336,18 @@ def consumer_problems(consumer: Consumer, store: StoreScan) -> Iterator[Problem]
         yield Problem(f"{key}:deleted", f"{who}: its mount holds generation {consumer.generation}, which was "
                       "deleted: it sees an empty secrets directory", restart_hint(consumer),
                       severity="critical")  # fmt: skip
-    elif consumer.verdict.stale:
+    elif consumer.verdict.stale and consumer.outdated_files:
+        yield Problem(f"{key}:outdated", f"{who}: its mount holds generation {consumer.generation}, current is "
+                      f"{current}: {consumer.outdated_files} secret(s) outdated", restart_hint(consumer))  # fmt: skip
+    elif consumer.verdict.stale and consumer.outdated_files is None:
         yield Problem(f"{key}:stale", f"{who}: its mount holds generation {consumer.generation}, current is "
                       f"{current}: it does not see rotated secrets", restart_hint(consumer))  # fmt: skip
 
 
 def consumer_summary(consumer: Consumer, store: StoreScan) -> str:
     state = "deleted" if consumer.verdict.deleted else "stale" if consumer.verdict.stale else "current"
+    if consumer.verdict.stale and not consumer.verdict.deleted and consumer.outdated_files is not None:
+        state = f"{consumer.outdated_files} secret(s) outdated" if consumer.outdated_files else "same secrets"
     current = store.current.number if store.current else None
     return (f"{consumer.kind} {consumer.consumer} ({consumer.mountpoint}): mounts generation {consumer.generation}, "
             f"current {current}: {state}")

@@ -38,7 +38,9 @@ class Consumer:
     generation: int
     deleted: bool
     pid: int  # the process it was read through
+    subtree: str = ""  # the part of the generation it mounts ("" for all of it, "app" for N/app)
     verdict: Verdict = field(default_factory=Verdict)
+    outdated_files: int | None = None  # files of its subtree that differ from the current generation's
 
 
 def _unit(cgroup: str | None) -> tuple[str, str] | None:
@@ -78,18 +80,25 @@ class ConsumersScan:
     unreadable: int  # processes whose mount table could not be read (gone, or a hidepid /proc)
 
 
-def _held(mounts: list[mountinfo.Mount], store: StoreScan) -> tuple[int, bool] | None:
-    """The worst generation a mount table holds of store: deleted first, then the oldest."""
+def _held(mounts: list[mountinfo.Mount], store: StoreScan) -> tuple[int, bool, str] | None:
+    """The worst generation a mount table holds of store (deleted first, then the oldest), and the subtree."""
     found = []
     for mount in mounts:
         if mount.device not in store.devices:
             continue
         number, deleted, whole = generation_in_fs(mount.root, store.fs_path)
         if number is not None and not whole:
-            found.append((number, deleted))
+            found.append((number, deleted, _subtree(mount.root, store.fs_path)))
     if not found:
         return None
     return max(found, key=lambda held: (held[1], -held[0]))
+
+
+def _subtree(root: str, fs_path: str) -> str:
+    """'/3/app//deleted' below fs_path '/' -> 'app'."""
+    root = root.removesuffix("//deleted")
+    inside = root[len(fs_path.rstrip("/")) :].strip("/")
+    return inside.partition("/")[2]
 
 
 def scan_consumers(stores: list[StoreScan], proc: str = "/proc") -> ConsumersScan:
@@ -126,7 +135,7 @@ def scan_consumers(stores: list[StoreScan], proc: str = "/proc") -> ConsumersSca
             if name is None:
                 name = name_of(pid, comm, proc)
             consumers.append(Consumer(consumer=name[0], kind=name[1], mountpoint=store.mountpoint,
-                                      generation=held[0], deleted=held[1], pid=pid))  # fmt: skip
+                                      generation=held[0], deleted=held[1], pid=pid, subtree=held[2]))  # fmt: skip
     return ConsumersScan(consumers=_worst_per_name(consumers), namespaces=namespaces, unreadable=unreadable)
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from sops_nix_exporter.readers import microvm, mounts, virtiofsd
 from sops_nix_exporter.readers import proc as procfs
+from sops_nix_exporter.readers.fingerprints import FingerprintReader, StoreFingerprints, differing
 from sops_nix_exporter.readers.mounts import Consumer
 from sops_nix_exporter.readers.verdict import Verdict, serving
 from sops_nix_exporter.readers.virtiofsd import Held, StoreIdentity
@@ -44,6 +45,9 @@ class Share:
     # of every secret, and sops-nix's key file (age-keys.txt lives in the mount point).
     exposes_store: bool = False
     writable: bool | None = None  # the guest can write the share (no --readonly); None when nothing serves it
+    # Files of the served subtree that differ from, are missing from or are new in the current generation;
+    # None while either fingerprint is missing (or the share exposes the store: every generation is there).
+    outdated_files: int | None = None
 
     @property
     def method(self) -> str:
@@ -76,6 +80,8 @@ class StoreShares:
     store: StoreScan
     shares: list[Share] = field(default_factory=list)
     consumers: list[Consumer] = field(default_factory=list)  # containers, services, processes (readers/mounts)
+    fingerprinted: int | None = None  # generations with a fingerprint; None without a fingerprint directory
+    changed_files: int | None = None  # files the last activation changed; None when that is unknown
 
     @property
     def pinned_generations(self) -> set[int]:
@@ -189,7 +195,47 @@ def _severity(share: Share) -> tuple[int, int]:
     return (1 if share.deleted else 0, -(share.served_generation or 0))
 
 
-def scan_shares(stores: list[StoreScan], state_dir: str, proc: str = "/proc") -> SharesResult:
+def share_subtree(source: str, store: StoreScan) -> str | None:
+    """The part of a generation a share of `source` serves: "" for the symlink itself, "app" for
+    SYMLINK/app or MOUNTPOINT/N/app; None for the mount point or above (every generation)."""
+    normal = os.path.normpath(source)
+    symlink = os.path.normpath(store.symlink)
+    if _within(normal, symlink):
+        return normal[len(symlink) :].strip("/")
+    mountpoint = os.path.normpath(store.mountpoint)
+    if normal.startswith(mountpoint.rstrip("/") + "/"):
+        return normal[len(mountpoint) :].strip("/").partition("/")[2]
+    return None
+
+
+def _compare(fingerprints: StoreFingerprints, store: StoreScan, served: int, subtree: str | None) -> int | None:
+    if subtree is None or store.current is None:
+        return None
+    old, new = fingerprints.of(served), fingerprints.of(store.current.number)
+    if old is None or new is None:
+        return None
+    return differing(old, new, subtree)
+
+
+def compare_contents(group: StoreShares, fingerprints: StoreFingerprints | None) -> None:
+    """Whether each reader's secrets differ from the current generation's, from the fingerprints alone."""
+    if fingerprints is None:
+        return
+    store = group.store
+    group.fingerprinted = fingerprints.fingerprinted
+    current = fingerprints.of(store.current.number) if store.current else None
+    replaced = fingerprints.replaced()
+    group.changed_files = differing(replaced, current) if current is not None and replaced is not None else None
+    for share in group.shares:
+        if share.served_generation is not None and not share.exposes_store:
+            share.outdated_files = _compare(fingerprints, store, share.served_generation,
+                                            share_subtree(share.source, store))  # fmt: skip
+    for consumer in group.consumers:
+        consumer.outdated_files = _compare(fingerprints, store, consumer.generation, consumer.subtree)
+
+
+def scan_shares(stores: list[StoreScan], state_dir: str, proc: str = "/proc",
+                fingerprints: FingerprintReader | None = None) -> SharesResult:  # fmt: skip
     """Every reader of the (listable) stores: the VM shares virtiofsd serves, those declared that nothing
     serves, and the consumers whose mount namespace holds a generation."""
     result = SharesResult(capabilities=procfs.effective_capabilities(proc))
@@ -267,5 +313,8 @@ def scan_shares(stores: list[StoreScan], state_dir: str, proc: str = "/proc") ->
         group = by_store[consumer.mountpoint]
         consumer.verdict = serving(consumer.generation, consumer.deleted, group.store)
         group.consumers.append(consumer)
+    if fingerprints is not None:
+        for group in by_store.values():
+            compare_contents(group, fingerprints.store(group.store))
     result.stores = list(by_store.values())
     return result
