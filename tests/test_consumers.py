@@ -43,18 +43,28 @@ class Reader:
         command = ["sh", "-c", join + 'exec "$@"', "sh", unshare, "-m", "--propagation", "private",
                    "sh", "-c", INSIDE, "reader", str(source), str(target)]  # fmt: skip
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._buffer = b""
         line = self._line(10)
         if line != b"ready\n":
             self.stop()
             pytest.skip(f"cannot bind-mount in a new mount namespace here: {line!r}")
 
     def _line(self, timeout: float) -> bytes:
+        """The next line the process wrote, b"" after timeout. Read raw into a buffer of our own: a buffered
+        readline() may take several lines at once, and the selector would then wait for what already came."""
         assert self.process.stdout is not None
+        fd = self.process.stdout.fileno()
         with selectors.DefaultSelector() as selector:
-            selector.register(self.process.stdout, selectors.EVENT_READ)
-            if not selector.select(timeout):
-                return b""
-        return self.process.stdout.readline()
+            selector.register(fd, selectors.EVENT_READ)
+            while b"\n" not in self._buffer:
+                if not selector.select(timeout):
+                    return b""
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    return b""
+                self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line + b"\n"
 
     def listing(self) -> list[str]:
         """What the process inside sees in its mount, now."""

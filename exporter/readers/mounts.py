@@ -14,6 +14,7 @@ the mount table, which anyone may read. virtiofsd processes are left out: they a
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -101,14 +102,18 @@ def _subtree(root: str, fs_path: str) -> str:
     return inside.partition("/")[2]
 
 
-def scan_consumers(stores: list[StoreScan], proc: str = "/proc") -> ConsumersScan:
-    """Every mount namespace but the exporter's own that holds a generation of a (listable) store."""
+def scan_consumers(stores: list[StoreScan], proc: str = "/proc",
+                   listing: list[tuple[int, bytes]] | None = None) -> ConsumersScan:  # fmt: skip
+    """Every mount namespace but the exporter's own that holds a generation of a (listable) store; `listing`
+    is procfs.processes(proc) when the scan has already read it."""
+    # A mount table that names none of the stores' devices holds none of them: not parsed.
+    devices = {f" {os.major(d)}:{os.minor(d)} " for store in stores for d in store.devices}
     own = procfs.mount_namespace_of_self(proc)
     seen: set[str] = {own} if own else set()
     seen_tables: set[str] = set()
     consumers: list[Consumer] = []
     namespaces = unreadable = 0
-    for pid, comm in procfs.processes(proc):
+    for pid, comm in procfs.processes(proc) if listing is None else listing:
         if comm == _VIRTIOFSD:
             continue
         namespace = procfs.mount_namespace(pid, proc)
@@ -126,6 +131,8 @@ def scan_consumers(stores: list[StoreScan], proc: str = "/proc") -> ConsumersSca
         else:
             seen.add(namespace)
         namespaces += 1
+        if not any(device in text for device in devices):
+            continue
         mounts = mountinfo.parse(text)
         name = None
         for store in stores:

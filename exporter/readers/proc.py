@@ -37,18 +37,17 @@ def label(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def find(proc: str, name: str) -> list[Process]:
-    """Every process whose command name is `name`. The name is read first and alone, so the cost of a
-    host with thousands of other processes is one small read each; processes that exit meanwhile are
-    simply not there."""
+def find(proc: str, name: str, listing: list[tuple[int, bytes]] | None = None) -> list[Process]:
+    """Every process whose command name is `name`, from `listing` (processes(proc)) when a scan has one. The
+    name is read first and alone, so the cost of a host with thousands of other processes is one small read
+    each; processes that exit meanwhile are simply not there."""
     found = []
     expected = (name + "\n").encode()
-    for entry in os.listdir(proc):
-        if not entry.isdigit():
+    for pid, comm in processes(proc) if listing is None else listing:
+        if comm != expected:
             continue
+        entry = str(pid)
         try:
-            if read(f"{proc}/{entry}/comm", 64) != expected:
-                continue
             argv = read(f"{proc}/{entry}/cmdline").split(b"\0")
             status = read(f"{proc}/{entry}/stat", 4096)
         except OSError:

@@ -243,8 +243,9 @@ def scan_shares(stores: list[StoreScan], state_dir: str, proc: str = "/proc",
     identities = {s.mountpoint: store_identity(s) for s in stores}
     root = procfs.own_root()
     shares: dict[tuple[str, str, str], Share] = {}
+    listing = procfs.processes(proc)  # one pass over /proc for the virtiofsd processes and the consumers
 
-    for members in _group(virtiofsd.find(proc)).values():
+    for members in _group(virtiofsd.find(proc, listing)).values():
         command = virtiofsd.parse_command(members[0].argv)
         if command is None:
             continue
@@ -307,7 +308,7 @@ def scan_shares(stores: list[StoreScan], state_dir: str, proc: str = "/proc",
         group = by_store[share.mountpoint]
         share.verdict = judge(share, group.store)
         group.shares.append(share)
-    found = mounts.scan_consumers(stores, proc)
+    found = mounts.scan_consumers(stores, proc, listing)
     result.namespaces, result.unreadable_namespaces = found.namespaces, found.unreadable
     for consumer in found.consumers:
         group = by_store[consumer.mountpoint]

@@ -199,8 +199,8 @@ def inspect(pid: int, store: StoreIdentity, own_root: tuple[int, int], proc: str
     return Held("denied" if denied else "unpinned")
 
 
-def find(proc: str = "/proc") -> list[procfs.Process]:
-    return procfs.find(proc, COMMAND_NAME)
+def find(proc: str = "/proc", listing: list[tuple[int, bytes]] | None = None) -> list[procfs.Process]:
+    return procfs.find(proc, COMMAND_NAME, listing)
 
 
 def _from_mountinfo(pid: int, store: StoreIdentity, proc: str) -> Held | None:
