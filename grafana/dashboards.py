@@ -6,10 +6,11 @@
 Two dashboards share one set of variables (datasource, job, instance, vm):
 
 - sops-nix / host: what one host's secrets stores hold, how fast they grow against their budget,
-  which VM serves which generation and what the next switch breaks, the alerts firing there, and the
-  exporter's own health. The page an operator opens when a VM lost its secrets.
+  which VM serves which generation and what the next switch breaks, which containers, services and
+  processes bind-mount which generation, the alerts firing there, and the exporter's own health. The page an operator opens when a VM lost its secrets.
 - sops-nix / fleet: every host at a glance, ranked by secrets memory, budget used and growth, with
-  counts of stale, deleted and down VM shares and of shares that expose a whole store or are writable;
+  counts of stale, deleted and down VM shares, of shares that expose a whole store or are writable, and
+  of stale and deleted consumers;
   built from aggregations and topk so hundreds of hosts behind one Prometheus (or Thanos, Mimir) read in
   seconds.
 
@@ -88,6 +89,7 @@ KEPT_PER_SWITCH = (
     f'delta({s("sopsnix_generations_bytes")}[{RATE_WINDOW}]) / ({SWITCHES_PER_DAY} > 0)'
 )
 SHARE_KEY = "job, instance, vm, share, mountpoint"
+CONSUMER_KEY = "job, instance, consumer, kind, mountpoint"
 # Every state that applies to a share, as its number in SHARE_STATES; the table takes the max by share.
 # label_replace gives each term its own label set so that `or` keeps them all for max to choose from.
 SHARE_STATE_TERMS = (
@@ -141,6 +143,8 @@ WRITABLE_TEXTS = value_texts((0, "read-only", "green"), (1, "writable", "orange"
 OK_BROKEN = value_texts((0, "broken", "red"), (1, "ok", "green"))
 OK_FAILING = value_texts((0, "failing", "red"), (1, "ok", "green"))
 SHARE_STATE_TEXTS = value_texts(*SHARE_STATES)
+STALE_TEXTS = value_texts((0, "current", "green"), (1, "stale", "yellow"))
+DELETED_TEXTS = value_texts((0, "no", "green"), (1, "deleted", "dark-red"))
 
 LEGEND_TABLE = (
     common_builders.VizLegendOptions()
@@ -496,13 +500,13 @@ def host_dashboard() -> models.Dashboard:
         timeseries_panel(
             "Generations",
             "Generation directories in each store, those above the current one (pending), and those "
-            "VMs still serve (pinned). With keepGenerations = 1 a store holds one generation plus the "
+            "VMs or consumers still hold (pinned). With keepGenerations = 1 a store holds one generation plus the "
             "pinned ones.",
             "none",
             thresholds((None, "green")),
             target(s("sopsnix_generations"), "A", "{{instance}} {{mountpoint}} generations"),
             target(s("sopsnix_pending_generations"), "B", "{{instance}} {{mountpoint}} pending"),
-            target(s("sopsnix_pinned_generations"), "C", "{{instance}} {{mountpoint}} pinned by VMs"),
+            target(s("sopsnix_pinned_generations"), "C", "{{instance}} {{mountpoint}} pinned"),
         ).span(12),
         timeseries_panel(
             "Memory added per switch",
@@ -583,19 +587,54 @@ def host_dashboard() -> models.Dashboard:
 
     keep = merged_table(
         "keepGenerations",
-        "Per store: keepGenerations as configured for the exporter, the generations VMs pin, and the "
-        "smallest keepGenerations with which the next switch would delete no generation a VM serves.",
+        "Per store: keepGenerations as configured for the exporter, the generations VMs and consumers "
+        "pin, and the smallest keepGenerations with which the next switch would delete no generation a VM "
+        "or consumer holds.",
         "none",
         thresholds((None, "green")),
         "job, instance, mountpoint",
         [
             ("Configured", s("sopsnix_keep_generations")),
-            ("Pinned by VMs", s("sopsnix_pinned_generations")),
+            ("Pinned", s("sopsnix_pinned_generations")),
             ("Recommended", s("sopsnix_recommended_keep_generations")),
         ],
     ).span(8)
 
     add(builder, ids, dashboard_builders.Row("VM shares"), shares, keep)
+
+    consumers = merged_table(
+        "Consumers",
+        "Containers, services and processes whose mount namespace holds a bind mount of a store's "
+        "symlink: the generation it resolved when the namespace was set up, which it keeps until it "
+        "restarts. consumer is the systemd unit of its cgroup (container@NAME.service, "
+        "systemd-nspawn@NAME.service, docker-ID.scope, libpod-ID.scope, UNIT.service), else its command "
+        "name. stale: it reads the secrets of before the last rotation. deleted: the generation was pruned "
+        "and it sees an empty directory: restart it (nixos-container restart NAME, systemctl restart UNIT, "
+        "docker or podman restart ID).",
+        "none",
+        thresholds((None, "green")),
+        CONSUMER_KEY,
+        [
+            ("Serving generation", s("sopsnix_consumer_serving_generation")),
+            (
+                "Stale",
+                s("sopsnix_consumer_serving_stale_generation"),
+                COLOUR_BACKGROUND,
+                prop("mappings", STALE_TEXTS),
+                prop("thresholds", steps_value((None, "green"), (1, "yellow"))),
+            ),
+            (
+                "Deleted",
+                s("sopsnix_consumer_serving_deleted_generation"),
+                COLOUR_BACKGROUND,
+                prop("mappings", DELETED_TEXTS),
+                prop("thresholds", steps_value((None, "green"), (1, "dark-red"))),
+            ),
+        ],
+    ).span(24)
+    consumers.sort_by([common_builders.TableSortByFieldState().display_name("Deleted").desc(True)])
+
+    add(builder, ids, dashboard_builders.Row("Consumers"), consumers)
 
     alerts = (
         table.Panel()
@@ -816,7 +855,7 @@ def fleet_dashboard() -> models.Dashboard:
             target(
                 count_or_zero(f'sum({vm("sopsnix_vm_share_exposes_store")})'), legend="exposing", instant=True
             ),
-        ).span(12),
+        ).span(6),
         stat_panel(
             "Writable VM shares",
             "Served VM shares whose virtiofsd lacks --readonly: those guests can change the host's secrets. "
@@ -824,15 +863,37 @@ def fleet_dashboard() -> models.Dashboard:
             "none",
             thresholds((None, "green"), (1, "orange")),
             target(count_or_zero(f'sum({vm("sopsnix_vm_share_writable")})'), legend="writable", instant=True),
-        ).span(12),
+        ).span(6),
+        stat_panel(
+            "Deleted consumers",
+            "Containers, services and processes whose bind mount holds a pruned generation: they see an "
+            "empty secrets directory until restarted.",
+            "none",
+            thresholds((None, "green"), (1, "red")),
+            target(
+                count_or_zero(f'sum({s("sopsnix_consumer_serving_deleted_generation")})'),
+                legend="deleted",
+                instant=True,
+            ),
+        ).span(6),
+        stat_panel(
+            "Stale consumers",
+            "Containers, services and processes whose bind mount holds an older generation than their "
+            "store's current one: they read old secrets until restarted.",
+            "none",
+            thresholds((None, "green"), (1, "yellow")),
+            target(
+                count_or_zero(f'sum({s("sopsnix_consumer_serving_stale_generation")})'), legend="stale", instant=True
+            ),
+        ).span(6),
     )
 
     hosts = merged_table(
         "Hosts",
         "One row per host: exporter up, secrets memory of all its stores, the highest share of a store's "
         "budget used, generations held, stale and deleted VM shares, VM shares that expose a whole store "
-        "or are writable, firing sops-nix alerts. Sorted by budget used; click an instance to open its "
-        "host dashboard.",
+        "or are writable, stale and deleted consumers (containers, services, processes), firing sops-nix "
+        "alerts. Sorted by budget used; click an instance to open its host dashboard.",
         "none",
         thresholds((None, "green")),
         "job, instance",
@@ -878,6 +939,18 @@ def fleet_dashboard() -> models.Dashboard:
                 f'sum by (job, instance) ({vm("sopsnix_vm_share_writable")})',
                 COLOUR_TEXT,
                 prop("thresholds", steps_value((None, "green"), (1, "orange"))),
+            ),
+            (
+                "Stale consumers",
+                f'sum by (job, instance) ({s("sopsnix_consumer_serving_stale_generation")})',
+                COLOUR_TEXT,
+                prop("thresholds", steps_value((None, "green"), (1, "yellow"))),
+            ),
+            (
+                "Deleted consumers",
+                f'sum by (job, instance) ({s("sopsnix_consumer_serving_deleted_generation")})',
+                COLOUR_TEXT,
+                prop("thresholds", steps_value((None, "green"), (1, "red"))),
             ),
             (
                 "Firing alerts",

@@ -20,6 +20,7 @@ import pytest
 import requests
 import yaml
 
+from consumers import consumers  # noqa: F401 (a fixture)
 from promstack import Alertmanager, Prometheus, WebhookReceiver
 from sopsnix import SAMPLE_SECRETS
 
@@ -258,3 +259,72 @@ def test_share_of_the_mount_point_pages_and_writable_share_tickets(make_store, s
         ("SopsNixVMShareWritable", "writable")
     }
     assert not hook.payloads("drop")
+
+
+def test_consumer_of_a_deleted_generation_pages_and_resolves_after_restart(make_store, consumers, scratch, serve):  # noqa: F811
+    """Issue 14, part 2: a NixOS container (a real mount namespace bind-mounting the real symlink, in a cgroup
+    named container@web.service) whose generation a switch deletes pages; restarted, it resolves."""
+    store = make_store("ramfs")
+    mountpoint = str(store.mountpoint)
+    store.switch(SAMPLE_SECRETS, keep_generations=1)  # generation 1
+    container = consumers(store.symlink, "container@web.service")  # its bindMounts hold generation 1
+    store.switch({"db-password": "rotated\n"}, keep_generations=1)  # generation 2 linked, 1 deleted under it
+
+    exporter = serve(
+        {
+            "stores": [{"mountpoint": mountpoint, "symlink": str(store.symlink), "keep_generations": 1}],
+            "microvm": {"state_dir": str(scratch / "microvms")},
+        }
+    )
+    instance = exporter.url.removeprefix("http://")
+    rules = scratch / "sops-nix.rules.yml"
+    rules.write_text(build.render(for_scale=1 / 60))
+    labels = {"consumer": "container@web.service", "kind": "container", "mountpoint": mountpoint}
+
+    with WebhookReceiver() as hook:
+        config = alertmanager_test_copy(scratch, hook)
+        with Alertmanager.start(scratch, config) as alertmanager, Prometheus.start(
+            scratch, [instance], alertmanager_url=alertmanager.url
+        ) as prometheus:
+            prometheus.wait_for('sopsnix_consumer_serving_deleted_generation{consumer="container@web.service"} == 1')
+            prometheus.load_rules([rules])
+
+            alert = hook.wait_for(named("SopsNixConsumerServingDeletedGeneration"), name="page", timeout=60)
+            assert alert["status"] == "firing"
+            assert alert["labels"] == {
+                "alertname": "SopsNixConsumerServingDeletedGeneration",
+                "severity": "critical",
+                "instance": instance,
+                "job": "sops-nix",
+                **labels,
+            }
+            annotations = alert["annotations"]
+            assert annotations["summary"] == (
+                "Container container@web.service mounts a deleted secrets generation: its secrets directory is empty"
+            )
+            assert annotations["description"].startswith(
+                f"The container container@web.service on {instance} bind-mounts generation 1 of {mountpoint}, "
+                "which has been deleted; the store's current generation is 2. "
+            ), annotations["description"]
+            assert "nixos-container restart web " in annotations["description"], annotations["description"]
+            assert annotations["runbook_url"] == (
+                f"{build.DEFAULT_RUNBOOK_BASE}#sopsnixconsumerservingdeletedgeneration"
+            )
+            (page,) = [p for p in hook.payloads("page") if alert in p["alerts"]]
+            assert page["groupLabels"] == {"instance": instance, "consumer": "container@web.service"}
+
+            # The fix the runbook gives: restart the container, whose new namespace mounts generation 2.
+            container.stop()
+            consumers(store.symlink, "container@web.service")
+            resolved = hook.wait_for(
+                lambda a: named("SopsNixConsumerServingDeletedGeneration")(a) and a["status"] == "resolved",
+                name="page",
+                timeout=60,
+            )
+            assert resolved["labels"] == alert["labels"]
+
+        paged = {a["labels"]["alertname"] for a in hook.alerts("page")}
+        assert paged == {"SopsNixConsumerServingDeletedGeneration"}, hook.alerts("page")
+        ticketed = {a["labels"]["alertname"] for a in hook.alerts("ticket")}
+        assert "SopsNixConsumerServingStaleGeneration" not in ticketed, hook.alerts("ticket")
+        assert not hook.payloads("drop")

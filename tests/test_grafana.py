@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from consumers import consumers  # noqa: F401 (a fixture)
 from tools import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -265,6 +266,12 @@ RULES = ROOT / "alerts" / "sops-nix.rules.yml"
 
 # The state number each VM share of the scenario must get in the share table (SHARE_STATES).
 EXPECTED_SHARE_STATES = {"current-vm": 2, "stale-vm": 1, "down-vm": 3, "deleted-vm": 4}
+# (consumer, kind) -> (serving generation, stale, deleted) in the consumers table.
+EXPECTED_CONSUMERS = {
+    ("container@web.service", "container"): (1, 1, 1),
+    ("backup.service", "service"): (1, 1, 0),
+    ("app.service", "service"): (2, 0, 0),
+}
 
 
 def rules_firing_at_once(directory: Path) -> Path:
@@ -303,7 +310,7 @@ def run(prometheus, query: dict, expr: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_every_panel_query_returns_data_from_the_real_exporter(make_store, pinners, scratch, serve):
+def test_every_panel_query_returns_data_from_the_real_exporter(make_store, pinners, consumers, scratch, serve):  # noqa: F811
     from pinning import declare_share
     from promstack import Prometheus
     from sopsnix import SAMPLE_SECRETS
@@ -316,6 +323,10 @@ def test_every_panel_query_returns_data_from_the_real_exporter(make_store, pinne
     pinners(source=growing.symlink, vm="stale-vm", state_dir=state_dir)
     pinners(source=pruned.symlink, vm="deleted-vm", state_dir=state_dir, mode="chroot")
     declare_share(state_dir, "down-vm", "secrets", pruned.symlink)
+    # Consumers: a NixOS container that bind-mounts the generation the prune below deletes, and a service
+    # that stays on the first generation of the store that keeps them all.
+    consumers(pruned.symlink, "container@web.service")
+    consumers(growing.symlink, "backup.service")
     exporter = serve(
         {
             "stores": [
@@ -334,8 +345,11 @@ def test_every_panel_query_returns_data_from_the_real_exporter(make_store, pinne
             time.sleep(1.5)
         pruned.switch(SAMPLE_SECRETS, keep_generations=1)  # prunes what deleted-vm serves
         pinners(source=pruned.symlink, vm="current-vm", state_dir=state_dir)
+        consumers(pruned.symlink, "app.service")  # started after the switch: current
         prometheus.wait_for("changes(sopsnix_current_generation[1d]) > 0", lambda r: len(r) == 2, timeout=30)
         prometheus.wait_for("sopsnix_vm_share_up", lambda r: len(r) == 4, timeout=30)
+        prometheus.wait_for("sopsnix_consumer_serving_generation", lambda r: len(r) == 3, timeout=30)
+        prometheus.wait_for("sopsnix_consumer_serving_deleted_generation == 1", timeout=30)
         prometheus.wait_for('ALERTS{alertname="SopsNixVMServingDeletedGeneration", alertstate="firing"}', timeout=30)
 
         dashboards = committed()
@@ -380,3 +394,13 @@ def test_every_panel_query_returns_data_from_the_real_exporter(make_store, pinne
 
         assert column("sopsnix_vm_share_exposes_store") == dict.fromkeys(EXPECTED_SHARE_STATES, 0)
         assert column("sopsnix_vm_share_writable") == {"current-vm": 1, "stale-vm": 1, "deleted-vm": 1}
+
+        # The consumers table gives each consumer its generation and its true state.
+        (consumers_panel,) = [p for p in panels(dashboards["sops-nix-host.json"]) if p["title"] == "Consumers"]
+        found: dict[tuple[str, str], list[int]] = {}
+        for query in consumers_panel["targets"]:
+            result = prometheus.query(substitute(query["expr"], "sops-nix", [instance], None))
+            for sample in result:
+                key = (sample["metric"]["consumer"], sample["metric"]["kind"])
+                found.setdefault(key, []).append(int(float(sample["value"][1])))
+        assert {key: tuple(values) for key, values in found.items()} == EXPECTED_CONSUMERS
