@@ -9,7 +9,8 @@ It builds the workload in a temporary directory: a real ramfs store with one gen
 then NAMESPACES `unshare -m` mount namespaces of PER_NAMESPACE sleeping processes each (a shell that starts
 the others, then becomes a sleep itself), the first HOLDING of which bind-mount the symlink, as a container's
 `--bind-ro=SYMLINK:/run/secrets` does. It times the process-reading part of a scrape as
-readers/shares.scan_shares does it (readers/mounts.scan_consumers, then readers/virtiofsd.find) against
+readers/shares.scan_shares does it (one listing of /proc, then readers/mounts.scan_consumers and
+readers/virtiofsd.find on it) against
 bench/run.py's comm loop, in turns (a change of load falls on both), and prints the best and the median.
 
 Then it does the same as nobody with no capability (setpriv), for whom another user's /proc/PID/ns/mnt is
@@ -39,6 +40,7 @@ from run import Timing, comm_loop, interleaved, machine, ms  # noqa: E402
 from sops_nix_exporter.collector.stores import scan_stores  # noqa: E402
 from sops_nix_exporter.config import Config, MicrovmConfig, StoreConfig  # noqa: E402
 from sops_nix_exporter.readers import mounts, virtiofsd  # noqa: E402
+from sops_nix_exporter.readers import proc as procfs  # noqa: E402
 
 TARGET = 3.0  # within 3x the comm loop
 NOBODY = 65534
@@ -83,8 +85,9 @@ class Namespace:
 
 
 def scrape_part(stores) -> tuple[mounts.ConsumersScan, list]:
-    """What scan_shares reads of processes per scrape."""
-    return mounts.scan_consumers(stores), virtiofsd.find()
+    """What scan_shares reads of processes per scrape: one pass over /proc for both readers."""
+    listing = procfs.processes("/proc")
+    return mounts.scan_consumers(stores, "/proc", listing), virtiofsd.find("/proc", listing)
 
 
 def measure(mountpoint: str, symlink: str, state_dir: str, repeat: int) -> dict:

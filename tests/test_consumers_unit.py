@@ -11,7 +11,13 @@ from proctree import ProcTree, fixture_stores
 
 pytestmark = pytest.mark.unit
 
-HOST = "22 1 0:21 / /proc rw - proc proc rw\n47 1 0:41 / /run/secrets.d rw - ramfs ramfs rw\n"
+def host(root_id: int = 20) -> str:
+    """A namespace's mount table: its own root mount first (no other namespace has that mount's ID)."""
+    return (f"{root_id} 1 254:0 / / rw - ext4 /dev/vda rw\n22 {root_id} 0:21 / /proc rw - proc proc rw\n"
+            f"47 {root_id} 0:41 / /run/secrets.d rw - ramfs ramfs rw\n")
+
+
+HOST = host()
 
 
 def bind(root: str, target: str = "/run/secrets", mount_id: int = 80) -> str:
@@ -38,14 +44,14 @@ def test_named_by_the_unit_of_its_cgroup_else_by_its_command_name(tmp_path, cgro
 
 def test_generations_held_and_what_is_not_a_consumer(tmp_path):
     tree = ProcTree(tmp_path / "proc")
-    tree.process(10, ["a"], comm="a", cgroup="/system.slice/a.service", mountinfo=HOST + bind("/3"))
-    tree.process(11, ["b"], comm="b", cgroup="/system.slice/b.service", mountinfo=HOST + bind("/2/rendered//deleted"))
-    tree.process(12, ["c"], comm="c", cgroup="/system.slice/c.service", mountinfo=HOST)  # the store as the host has it
+    tree.process(10, ["a"], comm="a", cgroup="/system.slice/a.service", mountinfo=host(30) + bind("/3"))
+    tree.process(11, ["b"], comm="b", cgroup="/system.slice/b.service", mountinfo=host(31) + bind("/2/rendered//deleted"))
+    tree.process(12, ["c"], comm="c", cgroup="/system.slice/c.service", mountinfo=host(32))  # the store as the host has it
     tree.process(13, ["v"], comm="virtiofsd", cgroup="/system.slice/microvm-virtiofsd@web.service",
                  mountinfo="72 47 0:41 /2 / rw - ramfs ramfs rw\n")  # the VM shares' family, not repeated here
     # Two generations in one namespace: the worse (deleted, then the oldest) is what it reads wrong.
     tree.process(14, ["d"], comm="d", cgroup="/system.slice/d.service",
-                 mountinfo=HOST + bind("/3", "/srv/a", 81) + bind("/2", "/srv/b", 82))  # fmt: skip
+                 mountinfo=host(33) + bind("/3", "/srv/a", 81) + bind("/2", "/srv/b", 82))  # fmt: skip
     found = mounts.scan_consumers(fixture_stores(), str(tree))
     held = {c.consumer: (c.generation, c.deleted) for c in found.consumers}
     assert held == {"a.service": (3, False), "b.service": (2, True), "d.service": (2, False)}
@@ -53,7 +59,8 @@ def test_generations_held_and_what_is_not_a_consumer(tmp_path):
 
 
 def test_processes_of_one_namespace_are_one_consumer_without_ns_links(tmp_path):
-    """Without CAP_SYS_PTRACE ns/mnt cannot be read: identical mount tables are one namespace."""
+    """Without CAP_SYS_PTRACE ns/mnt cannot be read: processes whose mount tables begin with the same root
+    mount are one namespace, read once."""
     tree = ProcTree(tmp_path / "proc")
     table = HOST + bind("/3")
     for pid in (10, 11, 12):

@@ -8,8 +8,8 @@ empty. Their mount tables say so: a mount of the store's filesystem whose root i
 generation and is not a consumer.
 
 Each mount namespace is read once, through one of its processes: namespaces are told apart by
-/proc/PID/ns/mnt where it can be read (another user's process needs CAP_SYS_PTRACE), else by the content of
-the mount table, which anyone may read. virtiofsd processes are left out: they are the VM shares' family.
+/proc/PID/ns/mnt where it can be read (another user's process needs CAP_SYS_PTRACE), else by the ID of the
+first mount of the mount table, which anyone may read (every namespace has mounts of its own). virtiofsd processes are left out: they are the VM shares' family.
 """
 
 from __future__ import annotations
@@ -110,25 +110,24 @@ def scan_consumers(stores: list[StoreScan], proc: str = "/proc",
     devices = {f" {os.major(d)}:{os.minor(d)} " for store in stores for d in store.devices}
     own = procfs.mount_namespace_of_self(proc)
     seen: set[str] = {own} if own else set()
-    seen_tables: set[str] = set()
     consumers: list[Consumer] = []
     namespaces = unreadable = 0
     for pid, comm in procfs.processes(proc) if listing is None else listing:
         if comm == _VIRTIOFSD:
             continue
         namespace = procfs.mount_namespace(pid, proc)
+        if namespace is None:
+            # Closed to us (another user's, without CAP_SYS_PTRACE): the namespace is told by the ID of its
+            # root's mount instead, which no other namespace has (a chroot's process may be read twice).
+            root_id = procfs.root_mount_id(pid, proc)
+            namespace = f"root-mount:{root_id}" if root_id is not None else None
         if namespace is not None and namespace in seen:
             continue
         text = procfs.mountinfo_text(pid, proc)
         if text is None:
             unreadable += 1
             continue
-        if namespace is None:
-            # Closed to us: the namespace is told by its mount table instead (mount IDs are unique per mount).
-            if text in seen_tables:
-                continue
-            seen_tables.add(text)
-        else:
+        if namespace is not None:
             seen.add(namespace)
         namespaces += 1
         if not any(device in text for device in devices):

@@ -99,6 +99,16 @@ def mount_namespace_of_self(proc: str) -> str | None:
         return None
 
 
+def root_mount_id(pid: int, proc: str) -> str | None:
+    """The ID of the first mount in the process's mount table (its root's), from one small read. Every
+    namespace has mounts of its own, so this tells namespaces apart where ns/mnt is closed to us."""
+    try:
+        head = read(f"{proc}/{pid}/mountinfo", 64)
+    except OSError:
+        return None
+    return head.split(b" ", 1)[0].decode("ascii", "replace") if head else None
+
+
 def mountinfo_text(pid: int, proc: str) -> str | None:
     try:
         with open(f"{proc}/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
