@@ -269,3 +269,62 @@ def test_unsandboxed_file_handles_on_tmpfs_are_reported_as_unknown(make_store, m
     text = expect_share(exporter, store, transcript, "after the switch", tick,
                         up=1, serving=None, stale=None, deleted=None, behind=None)  # fmt: skip
     assert value(text, "sopsnix_vm_share_detection", method="file_handle", **labels) == 1
+
+
+def test_outdated_secrets_only_when_the_values_differ(make_store, microvm, serve, scratch, tmp_path):
+    """Issue 15 on a real guest and the real Rust virtiofsd, keepGenerations = 0 with fingerprints: an
+    activation that changes nothing leaves the guest on an older number with the host's very values (stale,
+    not outdated); one that rotates a secret to a value of the same length (sizes and names identical) leaves
+    the guest on the old value, and the exporter says outdated."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    values = {"db-password": "value-one-of-24-bytes...", "app/api-token": "token-of-24-bytes-exactly"}
+    store = make_store("ramfs")
+    state_dir = scratch / "microvms"
+    store.write_generation(1, values)
+    store.link(1)
+    share = microvm(store.symlink, state_dir, "rust", "namespace", True)
+    transcript = Transcript("fingerprints-rust-namespace", tmp_path, share)
+    config = {**exporter_config(store, 0, state_dir), "fingerprint_dir": str(scratch / "fingerprints")}
+    config_path = scratch / "fingerprint.yml"
+    config_path.write_text(yaml.safe_dump(config))
+    exporter = serve(config)
+    labels = {"vm": VM, "share": TAG, "mountpoint": str(store.mountpoint)}
+
+    def fingerprint() -> None:
+        result = subprocess.run([sys.executable, "-m", "sops_nix_exporter", "fingerprint",
+                                 f"--config.file={config_path}"], capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+
+    def content(text: str) -> dict:
+        return {"outdated": value(text, "sopsnix_vm_serving_outdated_secrets", **labels),
+                "files": value(text, "sopsnix_vm_outdated_secret_files", **labels)}  # fmt: skip
+
+    tick = start(share)
+    assert tick.files == values, tick.text
+    fingerprint()
+
+    # An activation that changes no secret: generation 2, the same values.
+    store.switch(values, keep_generations=0)
+    fingerprint()
+    tick = share.next_tick()
+    assert tick.files == values, f"the guest reads generation 1, which holds the host's values:\n{tick.text}"
+    text = expect_share(exporter, store, transcript, "an activation that changed nothing", tick,
+                        up=1, serving=1, stale=1, deleted=0, behind=1)  # fmt: skip
+    assert content(text) == {"outdated": 0, "files": 0}
+    assert value(text, "sopsnix_current_generation_changed_files", mountpoint=str(store.mountpoint)) == 0
+
+    # A rotation to a value of the same length: the guest keeps reading the old one.
+    rotated = {**values, "db-password": "value-two-of-24-bytes..."}
+    assert len(rotated["db-password"]) == len(values["db-password"])
+    store.switch(rotated, keep_generations=0)
+    fingerprint()
+    tick = share.next_tick()
+    assert tick.files == values, f"the guest should still read the old value:\n{tick.text}"
+    text = expect_share(exporter, store, transcript, "a secret rotated to a value of the same length", tick,
+                        up=1, serving=1, stale=1, deleted=0, behind=2)  # fmt: skip
+    assert content(text) == {"outdated": 1, "files": 1}
+    assert value(text, "sopsnix_current_generation_changed_files", mountpoint=str(store.mountpoint)) == 1
