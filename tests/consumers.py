@@ -1,7 +1,6 @@
-"""Consumers for tests that need one: a process in a mount namespace of its own holding a bind mount of a store's
-symlink (as a NixOS container's bindMounts, systemd-nspawn --bind-ro, docker -v or BindReadOnlyPaths= do), in a
-cgroup named as systemd names the unit. The minimal part of tests/test_consumers.py's Reader, for test files that
-may not import from another test file."""
+"""Test support: consumers, processes in a mount namespace of their own holding a bind mount of a store's symlink
+(as a NixOS container's bindMounts, systemd-nspawn --bind-ro, docker -v or BindReadOnlyPaths= do), in a cgroup
+named as systemd names the unit; a process inside lists the mount on request, so a test sees what it sees."""
 
 from __future__ import annotations
 
@@ -17,11 +16,11 @@ from pinning import make_unit_cgroup, remove_cgroup
 from tools import require_tool
 
 # In its own mount namespace: bind the symlink (mount(2) follows it: the generation it names now) on a
-# directory, say so, then wait for stdin to close. The paths are arguments.
+# directory, then answer each line on stdin with a listing of that directory. The paths are arguments.
 INSIDE = '''
 mount --bind "$1" "$2" || exit 1
 echo ready
-read -r _
+while read -r _; do ls -A "$2"; echo @@end; done
 '''
 
 
@@ -37,13 +36,38 @@ class Consumer:
         command = ["sh", "-c", join + 'exec "$@"', "sh", unshare, "-m", "--propagation", "private",
                    "sh", "-c", INSIDE, "consumer", str(source), str(target)]  # fmt: skip
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert self.process.stdout is not None
-        with selectors.DefaultSelector() as selector:
-            selector.register(self.process.stdout, selectors.EVENT_READ)
-            line = self.process.stdout.readline() if selector.select(10) else b""
+        self._buffer = b""
+        line = self._line(10)
         if line != b"ready\n":
             self.stop()
             pytest.skip(f"cannot bind-mount in a new mount namespace here: {line!r}")
+
+    def _line(self, timeout: float) -> bytes:
+        """The next line the process wrote, b"" after timeout. Read raw into a buffer of our own: a buffered
+        readline() may take several lines at once, and the selector would then wait for what already came."""
+        assert self.process.stdout is not None
+        fd = self.process.stdout.fileno()
+        with selectors.DefaultSelector() as selector:
+            selector.register(fd, selectors.EVENT_READ)
+            while b"\n" not in self._buffer:
+                if not selector.select(timeout):
+                    return b""
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    return b""
+                self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line + b"\n"
+
+    def listing(self) -> list[str]:
+        """What the process inside sees in its mount, now."""
+        assert self.process.stdin is not None
+        self.process.stdin.write(b"\n")
+        self.process.stdin.flush()
+        names = []
+        while (line := self._line(10)) not in (b"@@end\n", b""):
+            names.append(line.decode().rstrip("\n"))
+        return names
 
     @property
     def pid(self) -> int:
@@ -62,7 +86,7 @@ class Consumer:
 
 @pytest.fixture
 def consumers(require_root, scratch):
-    """consumers(source, unit=None) starts a Consumer; every one is stopped at the end of the test."""
+    """consumers(source, unit=None) starts a Consumer; every one is ended by its PID at the end of the test."""
     started: list[Consumer] = []
 
     def start(source: Path, unit: str | None = None) -> Consumer:

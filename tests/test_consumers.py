@@ -6,104 +6,15 @@ it is seen from inside, then the exporter must tell the same."""
 from __future__ import annotations
 
 import os
-import selectors
-import signal
 import subprocess
-from pathlib import Path
-
-import pytest
 
 from sops_nix_exporter import app
 from sops_nix_exporter.check import report
 from sops_nix_exporter.config import parse_config
 
-from pinning import make_unit_cgroup, remove_cgroup
+from consumers import consumers  # noqa: F401 (a fixture)
 from scrape import samples, value
 from sopsnix import SAMPLE_SECRETS
-from tools import require_tool
-
-# In its own mount namespace: bind the symlink (mount(2) follows it: the generation it names now) on a
-# directory, then answer each line on stdin with a listing of that directory. The paths are arguments.
-INSIDE = '''
-mount --bind "$1" "$2" || exit 1
-echo ready
-while read -r _; do ls -A "$2"; echo @@end; done
-'''
-
-
-class Reader:
-    """A process in a mount namespace of its own holding a bind mount of `source`, in cgroup UNIT (or none)."""
-
-    def __init__(self, source: Path, target: Path, unit: str | None) -> None:
-        unshare = require_tool("unshare", "util-linux")
-        target.mkdir(parents=True, exist_ok=True)
-        self.dirs = make_unit_cgroup(unit) if unit else None
-        join = f'echo $$ > "{self.dirs[0] / "cgroup.procs"}" && ' if self.dirs else ""
-        # Join the cgroup, then become the namespace's process (exec keeps the PID: ours to end).
-        command = ["sh", "-c", join + 'exec "$@"', "sh", unshare, "-m", "--propagation", "private",
-                   "sh", "-c", INSIDE, "reader", str(source), str(target)]  # fmt: skip
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self._buffer = b""
-        line = self._line(10)
-        if line != b"ready\n":
-            self.stop()
-            pytest.skip(f"cannot bind-mount in a new mount namespace here: {line!r}")
-
-    def _line(self, timeout: float) -> bytes:
-        """The next line the process wrote, b"" after timeout. Read raw into a buffer of our own: a buffered
-        readline() may take several lines at once, and the selector would then wait for what already came."""
-        assert self.process.stdout is not None
-        fd = self.process.stdout.fileno()
-        with selectors.DefaultSelector() as selector:
-            selector.register(fd, selectors.EVENT_READ)
-            while b"\n" not in self._buffer:
-                if not selector.select(timeout):
-                    return b""
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    return b""
-                self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return line + b"\n"
-
-    def listing(self) -> list[str]:
-        """What the process inside sees in its mount, now."""
-        assert self.process.stdin is not None
-        self.process.stdin.write(b"\n")
-        self.process.stdin.flush()
-        names = []
-        while (line := self._line(10)) not in (b"@@end\n", b""):
-            names.append(line.decode().rstrip("\n"))
-        return names
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-        for pipe in (self.process.stdin, self.process.stdout, self.process.stderr):
-            if pipe is not None:
-                pipe.close()
-        if self.dirs:
-            remove_cgroup([self.dirs[0]], [self.dirs[1]])
-
-
-@pytest.fixture
-def readers(require_root, scratch):
-    started: list[Reader] = []
-
-    def start(source: Path, unit: str | None = None) -> Reader:
-        reader = Reader(source, scratch / f"target-{len(started)}", unit)
-        started.append(reader)
-        return reader
-
-    yield start
-    for reader in reversed(started):
-        reader.stop()
-
 
 def consumer_values(found: dict, consumer: str, kind: str, mountpoint: str) -> dict[str, float | None]:
     labels = {"consumer": consumer, "kind": kind, "mountpoint": mountpoint}
@@ -122,16 +33,16 @@ def scrape(config: dict) -> tuple[str, dict]:
     return text, samples(text)
 
 
-def test_bind_mounts_pin_a_generation_and_a_prune_empties_them(make_store, readers, scratch, promtool_check):
+def test_bind_mounts_pin_a_generation_and_a_prune_empties_them(make_store, consumers, scratch, promtool_check):
     store = make_store("ramfs")
     store.switch(SAMPLE_SECRETS)
     mp = str(store.mountpoint)
     config = {"stores": [{"mountpoint": mp, "symlink": str(store.symlink), "keep_generations": 1}],
               "microvm": {"state_dir": str(scratch / "microvms")}}  # fmt: skip
-    container = readers(store.symlink, "container@web.service")  # a NixOS container's bindMounts
-    nspawn = readers(store.symlink, "systemd-nspawn@db.service")
-    service = readers(store.symlink, "backup.service")  # BindReadOnlyPaths=/run/secrets
-    process = readers(store.symlink)  # no unit: named by its command name
+    container = consumers(store.symlink, "container@web.service")  # a NixOS container's bindMounts
+    nspawn = consumers(store.symlink, "systemd-nspawn@db.service")
+    service = consumers(store.symlink, "backup.service")  # BindReadOnlyPaths=/run/secrets
+    process = consumers(store.symlink)  # no unit: named by its command name
     inside = sorted(SAMPLE_SECRETS)[0].split("/")[0]
     assert inside in container.listing()
 
@@ -163,18 +74,18 @@ def test_bind_mounts_pin_a_generation_and_a_prune_empties_them(make_store, reade
 
     # Restarted (a fresh namespace mounts the symlink again): current, not stale.
     service.stop()
-    readers(store.symlink, "backup.service")
+    consumers(store.symlink, "backup.service")
     _, found = scrape(config)
     assert consumer_values(found, "backup.service", "service", mp) == {"serving": 2, "stale": 0, "deleted": 0}
 
 
-def test_keep_generations_zero_keeps_the_consumer_on_old_secrets(make_store, readers, scratch):
+def test_keep_generations_zero_keeps_the_consumer_on_old_secrets(make_store, consumers, scratch):
     store = make_store("tmpfs")
     store.switch(SAMPLE_SECRETS, keep_generations=0)
     mp = str(store.mountpoint)
     config = {"stores": [{"mountpoint": mp, "symlink": str(store.symlink), "keep_generations": 0}],
               "microvm": {"state_dir": str(scratch / "microvms")}}  # fmt: skip
-    reader = readers(store.symlink, "app.service")
+    reader = consumers(store.symlink, "app.service")
     store.switch({"db-password": "rotated\n"}, keep_generations=0)
     store.switch({"db-password": "rotated again\n"}, keep_generations=0)
     assert "db-password" in reader.listing()
@@ -183,18 +94,18 @@ def test_keep_generations_zero_keeps_the_consumer_on_old_secrets(make_store, rea
     assert value(found, "sopsnix_recommended_keep_generations", mountpoint=mp) == 4
 
 
-def test_a_mount_of_the_whole_store_is_not_a_consumer(make_store, readers, scratch):
+def test_a_mount_of_the_whole_store_is_not_a_consumer(make_store, consumers, scratch):
     """The host's own mount of the store (root /) reads every generation: not a consumer."""
     store = make_store("ramfs")
     store.switch(SAMPLE_SECRETS)
     mp = str(store.mountpoint)
-    readers(store.mountpoint, "whole.service")
+    consumers(store.mountpoint, "whole.service")
     _, found = scrape({"stores": [{"mountpoint": mp, "symlink": str(store.symlink)}],
                        "microvm": {"state_dir": str(scratch / "microvms")}})  # fmt: skip
     assert not [k for k in found if k[0] == "sopsnix_consumer_serving_generation"]
 
 
-def test_without_ptrace_every_consumer_is_still_seen(make_store, readers, scratch):
+def test_without_ptrace_every_consumer_is_still_seen(make_store, consumers, scratch):
     """As nobody in the keys group, without CAP_SYS_PTRACE: other users' ns/mnt links are closed, so
     namespaces are told apart by their mount tables, which anyone may read. Nothing is missed."""
     import yaml
@@ -203,8 +114,8 @@ def test_without_ptrace_every_consumer_is_still_seen(make_store, readers, scratc
 
     store = make_store("ramfs")
     store.switch(SAMPLE_SECRETS)
-    readers(store.symlink, "container@web.service")
-    readers(store.symlink, "backup.service")
+    consumers(store.symlink, "container@web.service")
+    consumers(store.symlink, "backup.service")
     store.switch({"db-password": "rotated\n"}, keep_generations=0)
     keys_gid = 64999
     os.chown(store.mountpoint, 0, keys_gid)
