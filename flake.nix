@@ -65,19 +65,20 @@
               }
             ];
           };
-          unitFile = pkgs.writeText "sops-nix-exporter.service"
-            host.config.systemd.units."sops-nix-exporter.service".text;
+          unitFile = name: pkgs.writeText name host.config.systemd.units.${name}.text;
+          # The [Service] settings docs/deployment.md documents for a unit are exactly those NixOS renders.
+          unitMatchesDocs =
+            name:
+            pkgs.runCommand "${name}-matches-docs" { nativeBuildInputs = [ pkgs.python3 ]; } ''
+              python3 ${./nix/unit_check.py} ${unitFile name} ${./docs/deployment.md} ${name}
+              touch $out
+            '';
         in
         {
           package = self.packages.${pkgs.stdenv.hostPlatform.system}.default;
 
-          # The [Service] settings docs/deployment.md documents are exactly those NixOS renders.
-          unit-matches-docs = pkgs.runCommand "sops-nix-exporter-unit-matches-docs"
-            { nativeBuildInputs = [ pkgs.python3 ]; }
-            ''
-              python3 ${./nix/unit_check.py} ${unitFile} ${./docs/deployment.md}
-              touch $out
-            '';
+          unit-matches-docs = unitMatchesDocs "sops-nix-exporter.service";
+          fingerprint-unit-matches-docs = unitMatchesDocs "sops-nix-exporter-fingerprint.service";
 
           nixos = pkgs.testers.runNixOSTest (import ./nix/nixos-test.nix { inherit self sops-nix; });
         }

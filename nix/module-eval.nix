@@ -57,6 +57,7 @@ let
     options = {
       # What module.nix sets.
       systemd.services = loose { } (types.attrsOf (types.attrsOf types.anything));
+      systemd.paths = loose { } (types.attrsOf (types.attrsOf types.anything));
       users.users = loose { } (types.attrsOf (types.attrsOf types.anything));
       users.groups = loose { } (types.attrsOf (types.attrsOf types.anything));
       networking.firewall.allowedTCPPorts = loose [ ] (types.listOf types.port);
@@ -80,7 +81,8 @@ let
       boot.kernelModules = loose [ ] (types.listOf types.str);
       environment.systemPackages = loose [ ] (types.listOf types.unspecified);
       environment.etc = loose { } (types.attrsOf types.unspecified);
-      systemd.tmpfiles.settings = loose { } (types.attrsOf types.unspecified);
+      # As NixOS declares it: rules of one name, merged path by path, from several modules.
+      systemd.tmpfiles.settings = loose { } (types.attrsOf (types.attrsOf (types.attrsOf types.anything)));
       systemd.targets = loose { } (types.attrsOf types.unspecified);
       security.pam.loginLimits = loose [ ] (types.listOf types.unspecified);
       security.wrappers = loose { } (types.attrsOf types.unspecified);
@@ -112,6 +114,13 @@ let
   inherit (evaluated) config;
   cfg = config.services.sops-nix-exporter;
   service = config.systemd.services.sops-nix-exporter or null;
+  fingerprintService = config.systemd.services.sops-nix-exporter-fingerprint or null;
+
+  # What module.nix hands to pkgs.formats.yaml's generate, and the file generated from it, which both units
+  # run with.
+  document =
+    if service == null then null else (import ./settings.nix).document { inherit (cfg) settings memoryBudget; };
+  configFile = (pkgs.formats.yaml { }).generate "sops-nix-exporter.yml" document;
 
   # As nixos/modules/system/activation/top-level.nix refuses a system.
   failedAssertions = map (assertion: assertion.message) (
@@ -122,14 +131,15 @@ if failedAssertions != [ ] then
   throw "\nFailed assertions:\n${lib.concatMapStrings (message: "- ${message}\n") failedAssertions}"
 else
   {
-    inherit service;
+    inherit service fingerprintService;
+    fingerprintPath = config.systemd.paths.sops-nix-exporter-fingerprint or null;
+    tmpfiles = config.systemd.tmpfiles.settings.sops-nix-exporter or null;
+    configFile = if service == null then null else configFile.outPath;
     # Every unit defined on this host, by module.nix, sops-nix and microvm.nix alike.
     units = builtins.attrNames config.systemd.services;
     users = lib.filterAttrs (name: _: name == "sops-nix-exporter") config.users.users;
     groups = lib.filterAttrs (name: _: name == "sops-nix-exporter") config.users.groups;
     firewall = config.networking.firewall.allowedTCPPorts;
-    # What module.nix hands to pkgs.formats.yaml's generate.
-    document =
-      if service == null then null else (import ./settings.nix).document { inherit (cfg) settings memoryBudget; };
+    inherit document;
     ruleFiles = map toString cfg.ruleFiles;
   }

@@ -65,6 +65,9 @@ let
     };
   };
 
+  secretsAfter = map (name: "${name}.service") secretsUnits;
+  fingerprintDir = cfg.settings.fingerprint_dir;
+
   configFile = format.generate "sops-nix-exporter.yml" (
     configuration.document { inherit (cfg) settings memoryBudget; }
   );
@@ -122,6 +125,15 @@ in
             '';
             description = "The sops-nix stores to watch; by default those sops-nix manages on this host.";
           };
+          fingerprint_dir = mkOption {
+            type = absolutePath;
+            default = configuration.defaultFingerprintDir;
+            description = ''
+              Where `sops-nix-exporter fingerprint` writes the content fingerprints and the exporter
+              reads them. With {option}`services.sops-nix-exporter.fingerprints.enable`, the module
+              makes it (0750, root and the exporter's group) and lets only the fingerprint oneshot write.
+            '';
+          };
           memory_budget_ratio = mkOption {
             type = types.nullOr (types.addCheck types.number (ratio: ratio > 0 && ratio <= 1));
             default = null;
@@ -139,6 +151,19 @@ in
           };
         };
       };
+    };
+
+    fingerprints.enable = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        With the exporter enabled, fingerprint the contents of every linked generation, so that the
+        exporter can tell a VM serving an older generation with the same values from one serving
+        outdated secrets (docs/deployment.md, "Content fingerprints"): a oneshot
+        `sops-nix-exporter-fingerprint.service`, root without network and with only
+        CAP_DAC_READ_SEARCH and CAP_CHOWN, run at boot and by a path unit whenever a store's symlink
+        changes. Nothing waits for it: a failure fails that oneshot, never an activation.
+      '';
     };
 
     memoryBudget = mkOption {
@@ -230,7 +255,31 @@ in
         inherit (cfg) webConfigFile extraFlags;
         listenAddress = unit.listenAddress cfg.listenAddress cfg.port;
       };
-      after = map (name: "${name}.service") secretsUnits;
+      after = secretsAfter;
     };
+
+    systemd.services.${unit.fingerprintUnit} = lib.mkIf cfg.fingerprints.enable (
+      unit.fingerprintService {
+        command = unit.fingerprintCommand {
+          executable = lib.getExe cfg.package;
+          inherit configFile;
+        };
+        inherit fingerprintDir;
+        after = secretsAfter;
+      }
+    );
+
+    systemd.paths.${unit.fingerprintUnit} = lib.mkIf cfg.fingerprints.enable (
+      unit.fingerprintPath { symlinks = map (store: store.symlink) cfg.settings.stores; }
+    );
+
+    systemd.tmpfiles.settings.sops-nix-exporter = lib.mkIf cfg.fingerprints.enable (
+      let
+        directory = unit.fingerprintDirectory fingerprintDir;
+      in
+      {
+        ${directory.path}.${directory.type} = { inherit (directory) mode user group; };
+      }
+    );
   };
 }

@@ -1,10 +1,11 @@
-# The exporter's systemd service as plain Nix values.
+# The exporter's systemd units as plain Nix values: its service, and the fingerprint oneshot with the path
+# unit that starts it.
 #
 # Only builtins are used here, no nixpkgs, so that `nix-instantiate --eval` can check these values
 # where nixpkgs cannot be fetched (tests/test_nix.py does). The NixOS module (module.nix) gives
-# `service` its command line and the units to start after, and sets nothing else on the unit;
-# docs/deployment.md shows the same [Service] settings for hosts without NixOS, and the tests keep
-# the two equal.
+# `service` and `fingerprintService` their command lines and the units to start after, and sets nothing
+# else on the units; docs/deployment.md shows the same [Service] settings for hosts without NixOS, and the
+# tests keep them equal.
 let
   # The only privileges the exporter keeps beyond those of its own user and the `keys` group:
   # - CAP_SYS_PTRACE: virtiofsd runs as root, and the kernel lets another user follow a process's
@@ -75,6 +76,71 @@ let
     SystemCallErrorNumber = "EPERM";
   };
 
+  # The content fingerprints (`sops-nix-exporter fingerprint`): the one command that opens secrets, run as
+  # root in a oneshot of its own. Root here is uid 0 without CAP_DAC_OVERRIDE: the two capabilities are
+  # all it keeps.
+  # - CAP_DAC_READ_SEARCH: to read every secret whatever its owner and mode (they are 0400 and owned by
+  #   their consumers), and to walk the stores.
+  # - CAP_CHOWN: to give each fingerprint file the group of the fingerprint directory (the exporter's),
+  #   which root is not a member of. The files are root's own, so fchmod needs no CAP_FOWNER.
+  fingerprintCapabilities = [
+    "CAP_DAC_READ_SEARCH"
+    "CAP_CHOWN"
+  ];
+
+  fingerprintUnit = "sops-nix-exporter-fingerprint";
+
+  # The fingerprint directory, made at boot by systemd-tmpfiles (and by NixOS at every activation): root's,
+  # so that only the oneshot writes in it; readable by the exporter's group, not writable.
+  fingerprintDirectory = path: {
+    inherit path;
+    type = "d";
+    mode = "0750";
+    user = "root";
+    group = user;
+  };
+
+  fingerprintServiceConfig = fingerprintDir: {
+    Type = "oneshot";
+    # Everything read-only but the fingerprint directory, which must exist (fingerprintDirectory) for the
+    # unit to start.
+    ReadWritePaths = fingerprintDir;
+    PrivateNetwork = true;
+    CapabilityBoundingSet = builtins.concatStringsSep " " fingerprintCapabilities;
+    NoNewPrivileges = true;
+    ProtectSystem = "strict";
+    PrivateMounts = true;
+    ProtectHome = true;
+    PrivateTmp = true;
+    PrivateDevices = true;
+    DevicePolicy = "closed";
+    PrivateIPC = true;
+    # The store directories it makes (0750) must stay readable by the directory's group.
+    UMask = "0027";
+    ProtectProc = "invisible";
+    ProtectKernelTunables = true;
+    ProtectKernelModules = true;
+    ProtectKernelLogs = true;
+    ProtectControlGroups = true;
+    ProtectClock = true;
+    ProtectHostname = true;
+    KeyringMode = "private";
+    RestrictAddressFamilies = "AF_UNIX";
+    RestrictNamespaces = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    LockPersonality = true;
+    MemoryDenyWriteExecute = true;
+    SystemCallArchitectures = "native";
+    # @privileged holds @chown: fchown is given back, the rest of it stays blocked.
+    SystemCallFilter = [
+      "@system-service"
+      "~@privileged @resources"
+      "@chown"
+    ];
+    SystemCallErrorNumber = "EPERM";
+  };
+
   # systemd reads ExecStart= words C-style: a JSON string is one quoted word it reads back exactly,
   # once % (specifiers) and $ (environment variables) are doubled.
   escapeExecArg = arg: builtins.replaceStrings [ "%" "$" ] [ "%%" "$$" ] (builtins.toJSON arg);
@@ -83,7 +149,16 @@ let
   bracketed = s: builtins.match "\\[.*]" s != null;
 in
 {
-  inherit capabilities user serviceConfig escapeExecArg;
+  inherit
+    capabilities
+    user
+    serviceConfig
+    escapeExecArg
+    fingerprintCapabilities
+    fingerprintUnit
+    fingerprintDirectory
+    fingerprintServiceConfig
+    ;
 
   # HOST:PORT for --web.listen-address; an IPv6 host gets its brackets, "" means every address.
   listenAddress =
@@ -122,6 +197,48 @@ in
       wants = after;
       serviceConfig = serviceConfig // {
         ExecStart = builtins.concatStringsSep " " (map escapeExecArg command);
+      };
+    };
+
+  # The fingerprint command, first the executable: the same configuration file as the exporter's, so
+  # that both agree on the stores and on fingerprint_dir.
+  fingerprintCommand =
+    { executable, configFile }:
+    [
+      executable
+      "fingerprint"
+      "--config.file=${configFile}"
+    ];
+
+  # systemd.services.sops-nix-exporter-fingerprint: run at boot and whenever a store's symlink changes
+  # (fingerprintPath), ordered after the units that install the secrets exactly as the exporter is. No
+  # unit requires it or waits for it but multi-user.target: a failure fails this oneshot only, never the
+  # activation that switched the symlink.
+  fingerprintService =
+    {
+      command,
+      fingerprintDir,
+      after ? [ ],
+    }:
+    {
+      description = "Fingerprint sops-nix secrets generations for sops-nix-exporter";
+      wantedBy = [ "multi-user.target" ];
+      inherit after;
+      wants = after;
+      serviceConfig = fingerprintServiceConfig fingerprintDir // {
+        ExecStart = builtins.concatStringsSep " " (map escapeExecArg command);
+      };
+    };
+
+  # systemd.paths.sops-nix-exporter-fingerprint: sops-nix replaces a store's symlink at every switch.
+  fingerprintPath =
+    { symlinks }:
+    {
+      description = "Fingerprint sops-nix secrets generations when a store's symlink changes";
+      wantedBy = [ "multi-user.target" ];
+      pathConfig = {
+        PathChanged = symlinks;
+        Unit = "${fingerprintUnit}.service";
       };
     };
 }

@@ -23,6 +23,10 @@ let
       value;
 in
 {
+  # The exporter's own default (exporter/config.py, DEFAULT_FINGERPRINT_DIR): on /run, gone at reboot like
+  # the generations it describes.
+  defaultFingerprintDir = "/run/sops-nix-exporter/fingerprints";
+
   # The stores sops-nix manages on this host. `sops` is config.sops when sops-nix's NixOS module is
   # imported, else null: then both standard stores, as the exporter itself assumes without a file.
   # sops-nix always owns /run/secrets.d; /run/secrets-for-users.d only exists when a secret sets

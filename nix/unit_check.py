@@ -1,9 +1,10 @@
-"""The [Service] settings of the exporter's unit, as documented and as Nix sets them, compared.
+"""The [Service] settings of the exporter's units, as documented and as Nix sets them, compared.
 
-    python3 nix/unit_check.py RENDERED.service docs/deployment.md
+    python3 nix/unit_check.py RENDERED.service docs/deployment.md [NAME.service]
 
 exits 1 and prints the difference when the unit NixOS rendered from the module (flake check
-`unit-matches-docs`) does not carry exactly the [Service] settings the documented unit carries.
+`unit-matches-docs`) does not carry exactly the [Service] settings of the unit the document shows as
+/etc/systemd/system/NAME.service (by default sops-nix-exporter.service).
 tests/test_nix.py uses the same functions on the values service.nix evaluates to.
 """
 
@@ -18,6 +19,8 @@ from pathlib import Path
 NOT_COMPARED = {"ExecStart", "Environment"}
 
 _INI_BLOCK = re.compile(r"^```ini\n(.*?)^```", re.M | re.S)
+_UNIT_PATH = re.compile(r"/etc/systemd/system/([A-Za-z0-9@._-]+)")
+EXPORTER_UNIT = "sops-nix-exporter.service"
 
 
 def parse_unit(text: str) -> dict[str, list[tuple[str, str]]]:
@@ -38,12 +41,26 @@ def parse_unit(text: str) -> dict[str, list[tuple[str, str]]]:
     return sections
 
 
-def documented_unit(markdown: str) -> str:
-    """The one ```ini block of the document that holds a [Service] section."""
-    blocks = [block for block in _INI_BLOCK.findall(markdown) if "[Service]" in block]
-    if len(blocks) != 1:
-        raise ValueError(f"expected one ```ini block with a [Service] section, found {len(blocks)}")
-    return blocks[0]
+def documented_units(markdown: str) -> dict[str, str]:
+    """Every ```ini block of the document, by the /etc/systemd/system/ file the text before it names last."""
+    units: dict[str, str] = {}
+    previous_end = 0
+    for block in _INI_BLOCK.finditer(markdown):
+        named = _UNIT_PATH.findall(markdown, previous_end, block.start())
+        if named:
+            if named[-1] in units:
+                raise ValueError(f"{named[-1]} is documented twice")
+            units[named[-1]] = block.group(1)
+        previous_end = block.end()
+    return units
+
+
+def documented_unit(markdown: str, name: str = EXPORTER_UNIT) -> str:
+    """The ```ini block the document introduces as /etc/systemd/system/NAME."""
+    units = documented_units(markdown)
+    if name not in units:
+        raise ValueError(f"no ```ini block after a mention of /etc/systemd/system/{name}; found {sorted(units)}")
+    return units[name]
 
 
 def render_value(value) -> list[str]:
@@ -69,11 +86,12 @@ def difference(documented: list[tuple[str, str]], nix: list[tuple[str, str]]) ->
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
+    if len(argv) not in (2, 3):
         sys.stderr.write(__doc__)
         return 2
+    name = argv[2] if len(argv) == 3 else EXPORTER_UNIT
     rendered = parse_unit(Path(argv[0]).read_text()).get("Service", [])
-    documented = parse_unit(documented_unit(Path(argv[1]).read_text())).get("Service", [])
+    documented = parse_unit(documented_unit(Path(argv[1]).read_text(), name)).get("Service", [])
     problems = difference(documented, rendered)
     for problem in problems:
         print(problem)

@@ -31,7 +31,7 @@ import requests
 from sops_nix_exporter import __version__
 from sops_nix_exporter.stores.cache import PARALLEL_FROM
 from sops_nix_exporter.cli import parse_args
-from sops_nix_exporter.config import ConfigError, parse_config
+from sops_nix_exporter.config import DEFAULT_FINGERPRINT_DIR, ConfigError, parse_config
 from sops_nix_exporter.http.server import parse_listen_address
 
 from nixsources import NixSourceMissing, nix_source
@@ -49,6 +49,9 @@ import unit_check  # noqa: E402
 
 NIX_FILES = sorted([ROOT / "flake.nix", *NIX.glob("*.nix")])
 THE_CAPABILITIES = {"CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"}
+FINGERPRINT_CAPABILITIES = {"CAP_DAC_READ_SEARCH", "CAP_CHOWN"}
+FINGERPRINT_UNIT = "sops-nix-exporter-fingerprint.service"
+DOCUMENTED_EXECUTABLE = "/opt/sops-nix-exporter/bin/sops-nix-exporter"
 
 
 # Paths are computed, never added: no Nix store or daemon is needed, and none is touched (any user can run this).
@@ -80,6 +83,17 @@ def nix_value(value) -> str:
 
 def unit_values() -> dict:
     return nix_eval("let unit = import ./nix/service.nix; in { inherit (unit) capabilities user serviceConfig; }")
+
+
+def fingerprint_values(fingerprint_dir: str = DEFAULT_FINGERPRINT_DIR) -> dict:
+    """The fingerprint oneshot's settings, its capabilities and its directory, for that fingerprint_dir."""
+    return nix_eval(
+        f"""let unit = import ./nix/service.nix; in {{
+              inherit (unit) fingerprintCapabilities fingerprintUnit;
+              serviceConfig = unit.fingerprintServiceConfig {nix_string(fingerprint_dir)};
+              directory = unit.fingerprintDirectory {nix_string(fingerprint_dir)};
+              path = unit.fingerprintPath {{ symlinks = [ "/run/secrets" "/run/secrets-for-users" ]; }}; }}"""
+    )  # fmt: skip
 
 
 # --- every file parses ------------------------------------------------------------------------------
@@ -119,20 +133,86 @@ def test_documented_unit_sets_exactly_what_the_module_sets():
     assert len(documented) - sum(1 for key, _ in documented if key in unit_check.NOT_COMPARED) == len(rendered)
 
 
+def test_the_fingerprint_capabilities_are_named_once_and_bound_the_oneshot():
+    values = fingerprint_values()
+    assert set(values["fingerprintCapabilities"]) == FINGERPRINT_CAPABILITIES
+    service = values["serviceConfig"]
+    assert service["CapabilityBoundingSet"].split() == values["fingerprintCapabilities"]
+    assert "AmbientCapabilities" not in service and "User" not in service  # root, bounded to the two
+    assert service["PrivateNetwork"] is True and service["Type"] == "oneshot"
+    assert service["ProtectSystem"] == "strict" and service["ReadWritePaths"] == DEFAULT_FINGERPRINT_DIR
+    assert values["fingerprintUnit"] + ".service" == FINGERPRINT_UNIT
+
+
+def test_documented_fingerprint_unit_sets_exactly_what_service_nix_sets():
+    documented = unit_check.parse_unit(unit_check.documented_unit(DEPLOYMENT.read_text(), FINGERPRINT_UNIT))
+    rendered = unit_check.render_service(fingerprint_values()["serviceConfig"])
+    assert unit_check.difference(documented["Service"], rendered) == []
+    assert len(documented["Service"]) - sum(1 for k, _ in documented["Service"] if k in unit_check.NOT_COMPARED) == len(
+        rendered
+    )
+    argv = dict(documented["Service"])["ExecStart"].split()
+    args = parse_args(argv[1:])
+    assert (argv[0], args.command, args.config_file) == (
+        DOCUMENTED_EXECUTABLE, "fingerprint", "/etc/sops-nix-exporter/config.yml")  # fmt: skip
+    # The same configuration file as the documented exporter's unit.
+    exporter = dict(unit_check.parse_unit(unit_check.documented_unit(DEPLOYMENT.read_text()))["Service"])
+    assert parse_args(exporter["ExecStart"].split()[1:]).config_file == args.config_file
+    assert dict(documented["Install"]) == {"WantedBy": "multi-user.target"}
+    assert "Before" not in dict(documented["Unit"]) and "RequiredBy" not in dict(documented["Install"])
+
+
+def test_documented_path_unit_and_directory_are_service_nix_s():
+    values = fingerprint_values()
+    units = unit_check.documented_units(DEPLOYMENT.read_text())
+    path = unit_check.parse_unit(units["sops-nix-exporter-fingerprint.path"])
+    rendered = unit_check.render_service(values["path"]["pathConfig"])
+    assert sorted(path["Path"]) == sorted(rendered)
+    assert dict(path["Unit"])["Description"] == values["path"]["description"]
+    assert dict(path["Install"]) == {"WantedBy": "multi-user.target"}
+    directory = values["directory"]
+    line = " ".join([directory["type"], directory["path"], directory["mode"], directory["user"], directory["group"], "-"])
+    assert f"\n{line}\n" in DEPLOYMENT.read_text()
+    assert directory == {"type": "d", "path": DEFAULT_FINGERPRINT_DIR, "mode": "0750", "user": "root",
+                         "group": unit_values()["user"]}  # fmt: skip
+
+
+def test_documented_fingerprint_directory_is_made_by_systemd_tmpfiles(scratch):
+    """systemd-tmpfiles makes the documented line's directory, parents included, as the exporter needs it."""
+    tmpfiles = require_tool("systemd-tmpfiles", "systemd")
+    directory = fingerprint_values()["directory"]
+    root = scratch / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    (root / "etc" / "group").write_text(f"root:x:0:\n{directory['group']}:x:64999:\n")
+    conf = scratch / "sops-nix-exporter.conf"
+    conf.write_text(" ".join([directory["type"], directory["path"], directory["mode"], directory["user"],
+                              directory["group"], "-"]) + "\n")  # fmt: skip
+    made = subprocess.run([tmpfiles, f"--root={root}", "--create", str(conf)], capture_output=True, text=True)
+    if made.returncode != 0 and os.geteuid() != 0:
+        pytest.skip(f"systemd-tmpfiles cannot give a file to another user without root: {made.stderr.strip()}")
+    assert made.returncode == 0, made.stderr
+    made_dir = root / directory["path"].lstrip("/")
+    st = made_dir.stat()
+    assert (oct(st.st_mode & 0o7777), st.st_uid, st.st_gid) == ("0o750", 0, 64999)
+    assert made_dir.parent.stat().st_mode & 0o005 == 0o005  # the exporter can walk to it
+
+
 def test_module_takes_every_service_setting_from_service_nix():
-    """The two tests above speak for the module only if it adds no systemd setting of its own."""
+    """The tests above speak for the module only if it adds no systemd setting of its own."""
     module = (NIX / "module.nix").read_text()
     assert "import ./service.nix" in module
     assert "systemd.services.sops-nix-exporter = unit.service {" in module
-    assert "serviceConfig" not in module
+    assert "unit.fingerprintService {" in module and "unit.fingerprintPath {" in module
+    assert "serviceConfig" not in module and "pathConfig" not in module
 
 
 def test_module_declares_the_options_of_the_issue():
     module = (NIX / "module.nix").read_text()
-    declared = set(re.findall(r"^    ([A-Za-z]+) = (?:mkOption|lib\.mkEnableOption)", module, re.M))
+    declared = set(re.findall(r"^    ([A-Za-z.]+) = (?:mkOption|lib\.mkEnableOption)", module, re.M))
     assert declared == {
         "enable", "package", "port", "listenAddress", "openFirewall", "settings", "memoryBudget",
-        "microvmStateDir", "webConfigFile", "extraFlags", "dashboards", "ruleFiles",
+        "microvmStateDir", "webConfigFile", "extraFlags", "dashboards", "ruleFiles", "fingerprints.enable",
     }  # fmt: skip
 
 
@@ -168,6 +248,81 @@ def test_documented_unit_passes_systemd_analyze(scratch):
         capture_output=True, text=True,
     )  # fmt: skip
     assert security.returncode == 0, f"exposure above 2.5:\n{security.stdout}{security.stderr}"
+
+
+def test_documented_fingerprint_units_pass_systemd_analyze(scratch):
+    systemd_analyze = require_tool("systemd-analyze", "systemd")
+    executable = Path(sys.executable).parent / "sops-nix-exporter"
+    if not executable.exists():
+        pytest.skip(f"{executable} missing: install the package into the venv (pip install -e .)")
+    units = unit_check.documented_units(DEPLOYMENT.read_text())
+    paths = []
+    for name in (FINGERPRINT_UNIT, "sops-nix-exporter-fingerprint.path"):
+        paths.append(scratch / name)
+        paths[-1].write_text(units[name].replace(DOCUMENTED_EXECUTABLE, str(executable)))
+    verify = subprocess.run([systemd_analyze, "verify", "--man=no", *map(str, paths)], capture_output=True, text=True)
+    assert verify.returncode == 0 and not any(p.name in verify.stderr for p in paths), verify.stderr
+
+    # Root with two capabilities scores higher than the exporter's own user would; no network, no writes.
+    security = subprocess.run(
+        [systemd_analyze, "security", "--offline=true", "--threshold=20", "--no-pager", str(paths[0])],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert security.returncode == 0, f"exposure above 2.0:\n{security.stdout}{security.stderr}"
+
+
+def test_fingerprint_command_needs_exactly_its_capabilities(require_root, scratch):
+    """The real command, as root bounded to the capabilities service.nix names (and no group but root's),
+    fingerprints secrets of another user's, mode 0400 in 0700 directories, into a directory of the exporter's
+    group; without CAP_CHOWN it cannot hand the files to that group, without CAP_DAC_READ_SEARCH it cannot
+    read the secrets."""
+    setpriv = require_tool("setpriv", "util-linux")
+    executable = Path(sys.executable).parent / "sops-nix-exporter"
+    if not executable.exists():
+        pytest.skip(f"{executable} missing: install the package into the venv (pip install -e .)")
+    capabilities = fingerprint_values()["fingerprintCapabilities"]
+    store, symlink = scratch / "secrets.d", scratch / "secrets"
+    for number, value in ((1, b"one"), (2, b"two")):
+        generation = store / str(number)
+        (generation / "sub").mkdir(parents=True)
+        for name in ("db", "sub/pw"):
+            (generation / name).write_bytes(value)
+            os.chmod(generation / name, 0o400)
+        for path in (generation / "db", generation / "sub" / "pw", generation / "sub", generation):
+            os.chown(path, 65534, 65534)
+        os.chmod(generation / "sub", 0o700)
+        os.chmod(generation, 0o700)
+    symlink.symlink_to(store / "2")
+    group = 65533  # a group root is not in: setpriv --clear-groups drops the rest
+    config = scratch / "config.yml"
+
+    def run(*bounding: str) -> tuple[subprocess.CompletedProcess, Path]:
+        fingerprints = scratch / f"fingerprints-{len(list(scratch.glob('fingerprints-*')))}"
+        fingerprints.mkdir(mode=0o750)
+        os.chown(fingerprints, 0, group)
+        config.write_text(json.dumps({"stores": [{"mountpoint": str(store), "symlink": str(symlink)}],
+                                      "fingerprint_dir": str(fingerprints)}))  # fmt: skip
+        caps = ",".join(["-all", *(f"+{name.removeprefix('CAP_').lower()}" for name in bounding)])
+        result = subprocess.run(
+            [setpriv, f"--bounding-set={caps}", "--inh-caps=-all", "--clear-groups", "--no-new-privs",
+             str(executable), "fingerprint", f"--config.file={config}"],
+            capture_output=True, text=True, timeout=60, preexec_fn=lambda: os.umask(0o027),
+        )  # fmt: skip
+        return result, fingerprints
+
+    result, fingerprints = run(*capabilities)
+    assert result.returncode == 0, result.stderr
+    written = sorted(p for p in fingerprints.rglob("*.json"))
+    assert len(written) == 3, written  # two generations and the status
+    for path in written:
+        st = path.stat()
+        assert (st.st_uid, st.st_gid, oct(st.st_mode & 0o777)) == (0, group, "0o640"), path
+    key = (fingerprints / "key").stat()
+    assert (key.st_uid, oct(key.st_mode & 0o777)) == (0, "0o600")
+
+    for missing in capabilities:
+        result, _ = run(*(c for c in capabilities if c != missing))
+        assert result.returncode != 0, f"fingerprinted without {missing}: {result.stderr}"
 
 
 def test_nix_rendered_command_line_is_read_by_systemd(scratch):
@@ -265,6 +420,7 @@ def test_configuration_document_is_accepted_by_the_exporter():
         ],
         "memory_budget_ratio": None,
         "microvm": {"state_dir": "/srv/microvms"},
+        "fingerprint_dir": "/srv/fingerprints",
     }  # fmt: skip
     for memory_budget, budgets in [(None, [None, 4096]), (1 << 26, [1 << 26, 4096])]:
         document = nix_eval(
@@ -276,6 +432,7 @@ def test_configuration_document_is_accepted_by_the_exporter():
         assert [s.memory_budget_bytes for s in config.stores] == budgets
         assert [s.keep_generations for s in config.stores] == [1, None]
         assert config.microvm.state_dir == "/srv/microvms"
+        assert config.fingerprint_dir == "/srv/fingerprints"
 
 
 # --- the module under the real module system ---------------------------------------------------------------
@@ -340,6 +497,68 @@ def test_module_evaluates_alone_with_the_exporter_defaults():
 def test_module_disabled_sets_nothing():
     result = eval_module("")
     assert result["service"] is None and result["users"] == {} and result["firewall"] == []
+    assert result["fingerprintService"] is None and result["fingerprintPath"] is None and result["tmpfiles"] is None
+
+
+def test_module_fingerprints_every_store_by_default():
+    result = eval_module(
+        "services.sops-nix-exporter = { enable = true; settings.stores = ["
+        ' { mountpoint = "/srv/a.d"; symlink = "/srv/a"; } { mountpoint = "/srv/b.d"; symlink = "/srv/b"; } ]; };'
+    )
+    config = parse_config(result["document"], source="the module's document")
+    assert config.fingerprint_dir == DEFAULT_FINGERPRINT_DIR
+    fingerprint, path = result["fingerprintService"], result["fingerprintPath"]
+    assert {k: v for k, v in fingerprint["serviceConfig"].items() if k != "ExecStart"} == fingerprint_values()[
+        "serviceConfig"
+    ]
+    assert fingerprint["wantedBy"] == ["multi-user.target"]
+    assert set(fingerprint) <= {"description", "wantedBy", "after", "wants", "serviceConfig"}  # no requiredBy, before
+    assert path["pathConfig"] == {"PathChanged": ["/srv/a", "/srv/b"], "Unit": FINGERPRINT_UNIT}
+    assert path["wantedBy"] == ["multi-user.target"]
+    # Both run with the one configuration file, whose content is the document.
+    argv = exec_argv(fingerprint["serviceConfig"]["ExecStart"])
+    args = parse_args(argv[1:])
+    assert args.command == "fingerprint" and args.config_file == result["configFile"]
+    assert parse_args(exec_argv(result["service"]["serviceConfig"]["ExecStart"])[1:]).config_file == result["configFile"]
+    # The directory: root's, readable by the exporter's group, written by the oneshot only.
+    assert result["tmpfiles"] == {DEFAULT_FINGERPRINT_DIR: {"d": {"mode": "0750", "user": "root",
+                                                              "group": result["service"]["serviceConfig"]["Group"]}}}  # fmt: skip
+    exporter = result["service"]["serviceConfig"]
+    assert exporter["ProtectSystem"] == "strict"
+    assert not {"ReadWritePaths", "RuntimeDirectory", "StateDirectory"} & set(exporter)
+    assert "sops-nix-exporter-fingerprint" in result["units"]
+
+
+def test_module_fingerprints_off():
+    result = eval_module("services.sops-nix-exporter = { enable = true; fingerprints.enable = false; };")
+    assert result["service"] is not None
+    assert result["fingerprintService"] is None and result["fingerprintPath"] is None and result["tmpfiles"] is None
+    assert "sops-nix-exporter-fingerprint" not in result["units"]
+
+
+def test_module_fingerprint_dir_reaches_the_document_the_directory_and_the_sandbox():
+    result = eval_module('services.sops-nix-exporter = { enable = true; settings.fingerprint_dir = "/var/lib/fp"; };')
+    assert parse_config(result["document"], source="the module's document").fingerprint_dir == "/var/lib/fp"
+    assert list(result["tmpfiles"]) == ["/var/lib/fp"]
+    assert result["fingerprintService"]["serviceConfig"]["ReadWritePaths"] == "/var/lib/fp"
+    error = module_refused('services.sops-nix-exporter = { enable = true; settings.fingerprint_dir = "fp"; };')
+    assert "fingerprint_dir" in error, error
+
+
+@pytest.mark.parametrize("case", ["systemd-sysusers", "activation scripts", "systemd-sysusers, only secrets for users"])
+def test_fingerprint_oneshot_is_ordered_as_the_exporter_is(case):
+    host, secrets, expected = SECRETS_UNITS_CASES[case]
+    definitions = {"db": "{ }", "pw": "{ neededForUsers = true; }"}
+    result = eval_module(
+        f"services.sops-nix-exporter.enable = true; {SOPS_KEY} {host}"
+        + "".join(f" sops.secrets.{name} = {definitions[name]};" for name in secrets),
+        with_sources=BOTH_MODULES,
+    )
+    fingerprint = result["fingerprintService"]
+    assert fingerprint["after"] == expected and fingerprint["wants"] == expected
+    assert [u for u in result["service"]["after"] if u != "network.target"] == fingerprint["after"]
+    config = parse_config(result["document"], source="the module's document")
+    assert result["fingerprintPath"]["pathConfig"]["PathChanged"] == [s.symlink for s in config.stores]
 
 
 @pytest.mark.parametrize("needed_for_users", [False, True])
