@@ -29,14 +29,13 @@ import time
 from dataclasses import dataclass, field
 
 from sops_nix_exporter.config import Config
-from sops_nix_exporter.readers.fingerprints import FORMAT_VERSION, store_directory
+from sops_nix_exporter.readers.fingerprints import FORMAT_VERSION, STATUS_NAME, store_directory
 from sops_nix_exporter.stores.scan import generation_number
 from sops_nix_exporter.stores.walk import walk
 
 log = logging.getLogger(__name__)
 
 KEY_NAME = "key"
-STATUS_NAME = "status.json"
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
 
 

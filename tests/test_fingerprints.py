@@ -181,3 +181,34 @@ def test_the_exporter_commands_never_load_the_fingerprint_command():
             "print('sops_nix_exporter.fingerprint' in sys.modules)")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_the_last_run_and_its_errors_show_in_the_metrics(make_store, scratch):
+    store = make_store("ramfs")
+    store.switch({"db-password": "one\n", "app/token": "two\n"}, keep_generations=0)
+    config = config_for(store, scratch)
+    found = scrape(config)
+    assert value(found, "sopsnix_fingerprint_last_run_timestamp_seconds") is None
+    assert fingerprint(config, scratch).returncode == 0
+    found = scrape(config)
+    assert value(found, "sopsnix_fingerprint_run_errors") == 0
+    assert value(found, "sopsnix_fingerprint_last_run_timestamp_seconds") > 0
+    # Part of the next generation closed to the run (root without CAP_DAC_READ_SEARCH and a 0000 directory): the
+    # run says which generation, never which file, exits 1, and the exporter publishes and tells it.
+    store.switch({"db-password": "three\n", "app/token": "four\n"}, keep_generations=0)
+    os.chmod(store.generation_path(2) / "app", 0)
+    try:
+        result = subprocess.run(
+            ["setpriv", "--reuid=0", "--regid=0", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all",
+             sys.executable, "-m", "sops_nix_exporter", "fingerprint", f"--config.file={scratch / 'config.yml'}"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        os.chmod(store.generation_path(2) / "app", 0o755)
+    assert result.returncode == 1, result.stderr
+    assert "generation 2" in result.stderr and "token" not in result.stderr
+    found = scrape(config)
+    assert value(found, "sopsnix_fingerprint_run_errors") == 1
+    exporter, _ = app.build(parse_config(config), process_metrics=False)
+    text, code = report(exporter.collect())
+    assert "the last fingerprint run could not fingerprint 1" in text and code == 1

@@ -112,6 +112,14 @@ CURRENT_CHANGED_FILES = MetricSpec(
     "changed nothing); absent when that is unknown.",
     MP,
 )
+FINGERPRINT_LAST_RUN = MetricSpec(
+    "sopsnix_fingerprint_last_run_timestamp_seconds",
+    "When the last `sops-nix-exporter fingerprint` run finished, in seconds since the epoch; absent before any.",
+)
+FINGERPRINT_RUN_ERRORS = MetricSpec(
+    "sopsnix_fingerprint_run_errors",
+    "Generations or stores the last fingerprint run could not fingerprint (its unit's journal says which).",
+)
 VM_RUNNING = MetricSpec(
     "sopsnix_vm_running",
     "1 for a VM that declares a share of a store and runs (microvm.nix's STATE_DIR/VM/booted exists), 0 for "
@@ -144,7 +152,7 @@ class SharesCollector(Collector[SharesResult]):
         VM_GENERATIONS_BEHIND, VM_PRUNED_ON_NEXT_SWITCH, VM_SHARE_DETECTION, PINNED_GENERATIONS, RECOMMENDED_KEEP,
         VM_SHARE_EXPOSES_STORE, VM_SHARE_WRITABLE, VM_SERVING_OUTDATED, VM_OUTDATED_FILES, VM_RUNNING,
         CONSUMER_SERVING_GENERATION, CONSUMER_SERVING_STALE, CONSUMER_SERVING_DELETED, CONSUMER_SERVING_OUTDATED,
-        FINGERPRINTED_GENERATIONS, CURRENT_CHANGED_FILES, CAPABILITY,
+        FINGERPRINTED_GENERATIONS, CURRENT_CHANGED_FILES, FINGERPRINT_LAST_RUN, FINGERPRINT_RUN_ERRORS, CAPABILITY,
     )  # fmt: skip
 
     def __init__(self, config: Config, proc: str = "/proc") -> None:
@@ -198,10 +206,17 @@ class SharesCollector(Collector[SharesResult]):
                                                for g in result.stores if g.fingerprinted is not None)  # fmt: skip
         yield CURRENT_CHANGED_FILES.family(((g.store.mountpoint,), float(g.changed_files))
                                            for g in result.stores if g.changed_files is not None)  # fmt: skip
+        run = result.fingerprint_run
+        yield FINGERPRINT_LAST_RUN.family([((), run[0])] if run else [])
+        yield FINGERPRINT_RUN_ERRORS.family([((), float(run[1]))] if run else [])
         yield VM_RUNNING.family(((vm,), float(running)) for vm, running in sorted(result.vms.items()))
         yield CAPABILITY.family(((name,), float(held)) for name, held in sorted(result.capabilities.items()))
 
     def problems(self, result: SharesResult) -> Iterator[Problem]:
+        if result.fingerprint_run and result.fingerprint_run[1]:
+            yield Problem("fingerprint", f"the last fingerprint run could not fingerprint {result.fingerprint_run[1]} "
+                          "generation(s) or store(s): whether readers' secrets are outdated is unknown for those",
+                          "see journalctl -u sops-nix-exporter-fingerprint.service")  # fmt: skip
         for group in result.stores:
             for share in group.shares:
                 yield from share_problems(share, group.store)

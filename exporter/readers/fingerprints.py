@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.parse
 from dataclasses import dataclass
 
 from sops_nix_exporter.stores.scan import Generation, StoreScan, generation_number
 
 FORMAT_VERSION = 1
+STATUS_NAME = "status.json"  # the last run's time and error count, written by `fingerprint`
+SETTLE_NS = 2_000_000_000  # as exporter/stores/cache.py: a directory changed this recently may change again unseen
 
 
 def store_directory(fingerprint_dir: str, mountpoint: str) -> str:
@@ -81,23 +84,42 @@ class FingerprintReader:
     def __init__(self, fingerprint_dir: str) -> None:
         self.fingerprint_dir = fingerprint_dir
         self._parsed: dict[str, tuple[tuple[int, int, int], Fingerprint | None]] = {}
+        # A store's listing, kept while its directory's mtime stays what it was, and only once that mtime had
+        # settled before the listing was taken (timestamps are coarse: a change within the same tick as a
+        # listing would otherwise go unseen).
+        self._listed: dict[str, tuple[tuple[int, int], set[int]]] = {}
         self.errors = 0  # fingerprint files that could not be read or parsed, last scrape
 
     def store(self, store: StoreScan) -> StoreFingerprints | None:
         """None when the store has no fingerprint directory (fingerprints not enabled, or not run yet)."""
         directory = store_directory(self.fingerprint_dir, store.mountpoint)
         try:
-            names = os.listdir(directory)
+            st = os.stat(directory)
+            stamp = (st.st_ino, st.st_mtime_ns)
+            cached = self._listed.get(directory)
+            if cached is not None and cached[0] == stamp:
+                numbers = cached[1]
+            else:
+                listed_at = time.time_ns()
+                names = os.listdir(directory)
+                numbers = set()
+                for name in names:
+                    number = generation_number(name.removesuffix(".json")) if name.endswith(".json") else None
+                    if number is not None:
+                        numbers.add(number)
+                if st.st_mtime_ns < listed_at - SETTLE_NS:
+                    self._listed[directory] = (stamp, numbers)
+                else:
+                    self._listed.pop(directory, None)
         except OSError:
+            self._listed.pop(directory, None)
             return None
-        numbers = set()
-        for name in names:
-            number = generation_number(name.removesuffix(".json")) if name.endswith(".json") else None
-            if number is not None:
-                numbers.add(number)
-        live = {os.path.join(directory, f"{n}.json") for n in numbers}
-        for path in [p for p in self._parsed if p.startswith(directory + "/") and p not in live]:
-            del self._parsed[path]  # nothing outlives the fingerprint it came from
+        if cached is None or cached[1] is not numbers:  # listed afresh: drop what is no longer there
+            prefix = directory + "/"
+            for path in [p for p in self._parsed if p.startswith(prefix)]:
+                number = generation_number(path[len(prefix) :].removesuffix(".json"))
+                if number not in numbers:
+                    del self._parsed[path]  # nothing outlives the fingerprint it came from
         return StoreFingerprints(self, directory, numbers, store)
 
     def read(self, path: str) -> Fingerprint | None:
@@ -121,3 +143,13 @@ class FingerprintReader:
             self.errors += 1
         self._parsed[path] = (stamp, found)
         return found
+
+    def last_run(self) -> tuple[float, int] | None:
+        """(when the last `fingerprint` run finished, how many generations or stores it could not fingerprint),
+        from FINGERPRINT_DIR/status.json; None before any run."""
+        try:
+            with open(os.path.join(self.fingerprint_dir, STATUS_NAME), encoding="utf-8") as f:
+                status = json.load(f)
+            return float(status["finished"]), int(status["errors"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None

@@ -107,6 +107,8 @@ class SharesResult:
     stores: list[StoreShares] = field(default_factory=list)
     # Each VM that declares a share of a store -> whether it runs (STATE_DIR/VM/booted exists).
     vms: dict[str, bool] = field(default_factory=dict)
+    # The last `fingerprint` run: (finished, errors); None before any run or without fingerprints.
+    fingerprint_run: tuple[float, int] | None = None
     namespaces: int = 0  # distinct mount namespaces read for consumers
     unreadable_namespaces: int = 0  # processes whose mount table could not be read
 
@@ -315,6 +317,7 @@ def scan_shares(stores: list[StoreScan], state_dir: str, proc: str = "/proc",
         consumer.verdict = serving(consumer.generation, consumer.deleted, group.store)
         group.consumers.append(consumer)
     if fingerprints is not None:
+        result.fingerprint_run = fingerprints.last_run()
         for group in by_store.values():
             compare_contents(group, fingerprints.store(group.store))
     result.stores = list(by_store.values())
