@@ -70,11 +70,31 @@ def parser() -> argparse.ArgumentParser:
         "fingerprint", help="as root: write a keyed content fingerprint of every linked generation (reads secrets)"
     )
     _common(fingerprint)
+
+    prune = sub.add_parser(
+        "prune", help="as root: remove the generations nobody reads (a dry run unless --apply)"
+    )
+    _common(prune)
+    prune.add_argument("--apply", action="store_true", help="remove them; without it, only say what would go")
+    prune.add_argument("--min-age", dest="min_age", type=_seconds, default=60, metavar="SECONDS",
+                       help="keep the generation that stopped being current less than this ago (default 60)")
+    prune.add_argument("--lock-file", dest="lock_file", default="/run/sops-nix-exporter/prune.lock", metavar="PATH",
+                       help="one run at a time (default /run/sops-nix-exporter/prune.lock)")
     return top
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value < 0 or value != value:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    commands = ("serve", "check", "textfile", "fingerprint")
+    commands = ("serve", "check", "textfile", "fingerprint", "prune")
     if argv[:1] and argv[0] in ("-h", "--help", "--version"):
         return parser().parse_args(argv)
     # The command may follow its flags (`--log.format=json check`); without one, `serve` is meant.
@@ -164,6 +184,23 @@ def _fingerprint(config: Config) -> int:
     return EXIT_PROBLEM if result.errors else EXIT_OK
 
 
+def _prune(args: argparse.Namespace, config: Config) -> int:
+    """The other privileged command, in its own unit: never part of serve, check or textfile."""
+    from sops_nix_exporter import prune
+
+    try:
+        outcome = prune.run(config, apply=args.apply, min_age=args.min_age, lock_file=args.lock_file)
+    except prune.Busy:
+        sys.stderr.write(f"sops-nix-exporter: another prune is running (it holds {args.lock_file})\n")
+        return EXIT_PROBLEM
+    except OSError as exc:
+        sys.stderr.write(f"sops-nix-exporter: prune failed: {exc.strerror or exc}\n")
+        return EXIT_PROBLEM
+    for failure in outcome.failed:
+        log.error("prune left a generation", extra={"kv": {"what": failure}})
+    return EXIT_PROBLEM if outcome.failed else EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logs.setup(args.log_level, args.log_format)
@@ -172,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args, config)
     if args.command == "fingerprint":
         return _fingerprint(config)
+    if args.command == "prune":
+        return _prune(args, config)
     exporter, registry = app.build(config, process_metrics=False)
     if args.command == "check":
         # The report on stdout is the one place each finding is told; stderr keeps the run's own errors

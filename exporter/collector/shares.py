@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from prometheus_client.core import Metric
 
 from sops_nix_exporter.collector.frame import Collector, MetricSpec, Problem, Snapshot
-from sops_nix_exporter.collector.stores import MP, StoresCollector
+from sops_nix_exporter.collector.stores import MP, StoresCollector, human_bytes
 from sops_nix_exporter.config import Config
 from sops_nix_exporter.readers.fingerprints import FingerprintReader
 from sops_nix_exporter.readers.mounts import Consumer
@@ -120,6 +120,13 @@ FINGERPRINT_RUN_ERRORS = MetricSpec(
     "sopsnix_fingerprint_run_errors",
     "Generations or stores the last fingerprint run could not fingerprint (its unit's journal says which).",
 )
+RECLAIMABLE_GENERATIONS = MetricSpec(
+    "sopsnix_reclaimable_generations",
+    "Generations a prune would remove now, as far as the exporter sees readers (shares, mount namespaces, cwd and "
+    "root of processes; open descriptors are checked by the prune itself).",
+    MP,
+)
+RECLAIMABLE_BYTES = MetricSpec("sopsnix_reclaimable_bytes", "The memory the reclaimable generations hold.", MP)
 VM_RUNNING = MetricSpec(
     "sopsnix_vm_running",
     "1 for a VM that declares a share of a store and runs (microvm.nix's STATE_DIR/VM/booted exists), 0 for "
@@ -152,7 +159,8 @@ class SharesCollector(Collector[SharesResult]):
         VM_GENERATIONS_BEHIND, VM_PRUNED_ON_NEXT_SWITCH, VM_SHARE_DETECTION, PINNED_GENERATIONS, RECOMMENDED_KEEP,
         VM_SHARE_EXPOSES_STORE, VM_SHARE_WRITABLE, VM_SERVING_OUTDATED, VM_OUTDATED_FILES, VM_RUNNING,
         CONSUMER_SERVING_GENERATION, CONSUMER_SERVING_STALE, CONSUMER_SERVING_DELETED, CONSUMER_SERVING_OUTDATED,
-        FINGERPRINTED_GENERATIONS, CURRENT_CHANGED_FILES, FINGERPRINT_LAST_RUN, FINGERPRINT_RUN_ERRORS, CAPABILITY,
+        FINGERPRINTED_GENERATIONS, CURRENT_CHANGED_FILES, FINGERPRINT_LAST_RUN, FINGERPRINT_RUN_ERRORS,
+        RECLAIMABLE_GENERATIONS, RECLAIMABLE_BYTES, CAPABILITY,
     )  # fmt: skip
 
     def __init__(self, config: Config, proc: str = "/proc") -> None:
@@ -206,6 +214,9 @@ class SharesCollector(Collector[SharesResult]):
                                                for g in result.stores if g.fingerprinted is not None)  # fmt: skip
         yield CURRENT_CHANGED_FILES.family(((g.store.mountpoint,), float(g.changed_files))
                                            for g in result.stores if g.changed_files is not None)  # fmt: skip
+        planned = [g for g in result.stores if g.plan is not None]
+        yield RECLAIMABLE_GENERATIONS.family(((g.store.mountpoint,), float(len(g.plan.removable))) for g in planned)
+        yield RECLAIMABLE_BYTES.family(((g.store.mountpoint,), float(g.plan.bytes_of(g.store))) for g in planned)
         run = result.fingerprint_run
         yield FINGERPRINT_LAST_RUN.family([((), run[0])] if run else [])
         yield FINGERPRINT_RUN_ERRORS.family([((), float(run[1]))] if run else [])
@@ -238,6 +249,11 @@ class SharesCollector(Collector[SharesResult]):
                 yield share_summary(share, group.store)
             for consumer in group.consumers:
                 yield consumer_summary(consumer, group.store)
+        for group in result.stores:
+            if group.plan is not None and group.plan.removable:
+                size = group.plan.bytes_of(group.store)
+                yield (f"store {group.store.mountpoint}: {len(group.plan.removable)} generation(s) nobody reads hold "
+                       f"{human_bytes(size)}: `sops-nix-exporter prune --apply` (as root) frees them")  # fmt: skip
         for vm, running in sorted(result.vms.items()):
             if not running:
                 yield f"VM {vm}: stopped (declared in current/, not booted): its shares are not expected to be served"

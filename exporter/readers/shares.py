@@ -12,10 +12,12 @@ computed from that store alone, in `judge`. Metrics, problems and `check` all re
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
-from sops_nix_exporter.readers import microvm, mounts, virtiofsd
+from sops_nix_exporter.readers import holders, microvm, mounts, virtiofsd
 from sops_nix_exporter.readers import proc as procfs
+from sops_nix_exporter.readers.holders import DEFAULT_MIN_AGE_SECONDS, Plan, plan
 from sops_nix_exporter.readers.fingerprints import FingerprintReader, StoreFingerprints, differing
 from sops_nix_exporter.readers.mounts import Consumer
 from sops_nix_exporter.readers.verdict import Verdict, serving
@@ -80,6 +82,9 @@ class StoreShares:
     store: StoreScan
     shares: list[Share] = field(default_factory=list)
     consumers: list[Consumer] = field(default_factory=list)  # containers, services, processes (readers/mounts)
+    # Generation -> who holds it through a process's working directory or root (readers/holders.py).
+    held_by_processes: dict[int, set[str]] = field(default_factory=dict)
+    plan: Plan | None = None  # what a prune would remove now, as far as shares, mounts, cwd and root tell
     fingerprinted: int | None = None  # generations with a fingerprint; None without a fingerprint directory
     changed_files: int | None = None  # files the last activation changed; None when that is unknown
 
@@ -88,6 +93,16 @@ class StoreShares:
         """Distinct generations some running share or consumer holds."""
         served = {s.served_generation for s in self.shares if s.served_generation is not None}
         return served | {c.generation for c in self.consumers}
+
+    def held(self) -> dict[int, set[str]]:
+        """Generation -> every reader that holds it: VM shares, consumers, processes' cwd and root."""
+        held: dict[int, set[str]] = {n: set(names) for n, names in self.held_by_processes.items()}
+        for share in self.shares:
+            if share.served_generation is not None:
+                held.setdefault(share.served_generation, set()).add(f"microvm@{share.vm}")
+        for consumer in self.consumers:
+            held.setdefault(consumer.generation, set()).add(consumer.consumer)
+        return held
 
     @property
     def recommended_keep_generations(self) -> int | None:
@@ -237,7 +252,8 @@ def compare_contents(group: StoreShares, fingerprints: StoreFingerprints | None)
 
 
 def scan_shares(stores: list[StoreScan], state_dir: str, proc: str = "/proc",
-                fingerprints: FingerprintReader | None = None) -> SharesResult:  # fmt: skip
+                fingerprints: FingerprintReader | None = None,
+                min_age: float = DEFAULT_MIN_AGE_SECONDS) -> SharesResult:  # fmt: skip
     """Every reader of the (listable) stores: the VM shares virtiofsd serves, those declared that nothing
     serves, and the consumers whose mount namespace holds a generation."""
     result = SharesResult(capabilities=procfs.effective_capabilities(proc))
@@ -310,12 +326,17 @@ def scan_shares(stores: list[StoreScan], state_dir: str, proc: str = "/proc",
         group = by_store[share.mountpoint]
         share.verdict = judge(share, group.store)
         group.shares.append(share)
+    held = holders.holders(stores, proc, listing=listing)
     found = mounts.scan_consumers(stores, proc, listing)
     result.namespaces, result.unreadable_namespaces = found.namespaces, found.unreadable
     for consumer in found.consumers:
         group = by_store[consumer.mountpoint]
         consumer.verdict = serving(consumer.generation, consumer.deleted, group.store)
         group.consumers.append(consumer)
+    now = time.time()
+    for group in by_store.values():
+        group.held_by_processes = {n: names for (mp, n), names in held.items() if mp == group.store.mountpoint}
+        group.plan = plan(group.store, group.held(), now, min_age)
     if fingerprints is not None:
         result.fingerprint_run = fingerprints.last_run()
         for group in by_store.values():
