@@ -58,6 +58,7 @@ GENERATIONS = value_of("sopsnix_generations", STORE)
 PER_GENERATION = value_of("sopsnix:memory_per_generation:bytes", STORE, "humanize1024") + "B"
 SWITCHES = value_of("sopsnix:switches:per_day", STORE)
 HELD = value_of("sopsnix_consumer_serving_generation", CONSUMER)
+OUTDATED_FILES = value_of("sopsnix_vm_outdated_secret_files", SHARE)
 
 
 def label_of(metric: str, labels: tuple[str, ...], label: str) -> str:
@@ -163,13 +164,35 @@ def vm_alerts() -> list[dict]:
         ),
         alert(
             "SopsNixVMServingStaleGeneration", "warning",
-            "sopsnix_vm_serving_stale_generation == 1 unless sopsnix_vm_serving_deleted_generation == 1",
+            # Only while the content is unknown: the outdated series exists, 0 or 1, exactly when both
+            # fingerprints do, and then SopsNixVMServingOutdatedSecrets says whether the old number matters.
+            # `unless` matches on every label, so whatever target labels a site adds match too.
+            multiline(
+                """
+                sopsnix_vm_serving_stale_generation == 1
+                  unless sopsnix_vm_serving_deleted_generation == 1
+                  unless sopsnix_vm_serving_outdated_secrets
+                """
+            ),
             "1h",
             "VM {{ $labels.vm }} has not seen rotated secrets for an hour",
             f"""{Share} serves generation {SERVED} of {{{{ $labels.mountpoint }}}},
             {BEHIND} generation(s) behind the current one ({CURRENT}): the guest still
             reads the secrets of before the last rotation. Restart microvm@{{{{ $labels.vm }}}} to serve the
             current generation.""",
+        ),
+        alert(
+            "SopsNixVMServingOutdatedSecrets", "warning",
+            # A deleted generation pages instead; its fingerprint may outlive it and say "outdated" too.
+            "sopsnix_vm_serving_outdated_secrets == 1 unless sopsnix_vm_serving_deleted_generation == 1",
+            # Shorter than the stale hour: the content is known to differ, so the guest reads values the host
+            # has rotated; a quarter of an hour still outlasts an activation and the restarts it triggers.
+            "15m",
+            "VM {{ $labels.vm }} reads secrets the host has rotated",
+            f"""{Share} serves generation {SERVED} of {{{{ $labels.mountpoint }}}}, and
+            {OUTDATED_FILES} file(s) of what it serves differ from the current generation ({CURRENT}): the guest
+            reads values the host has rotated (or misses added ones, or still has removed ones). Restart
+            microvm@{{{{ $labels.vm }}}} to serve the current generation.""",
         ),
         alert(
             "SopsNixVMShareExposesStore", "critical",
@@ -240,6 +263,7 @@ def consumer_alerts() -> list[dict]:
                 """
                 sopsnix_consumer_serving_stale_generation == 1
                   unless sopsnix_consumer_serving_deleted_generation == 1
+                  unless sopsnix_consumer_serving_outdated_secrets
                 """
             ),
             "1h",
@@ -247,6 +271,55 @@ def consumer_alerts() -> list[dict]:
             f"""{Consumer} bind-mounts generation {HELD} of {{{{ $labels.mountpoint }}}}, older than
             the current one ({CURRENT}): it still reads the secrets of before the last rotation.
             {RESTART_CONSUMER} so that it mounts the current generation.""",
+        ),
+        alert(
+            "SopsNixConsumerServingOutdatedSecrets", "warning",
+            multiline(
+                """
+                sopsnix_consumer_serving_outdated_secrets == 1
+                  unless sopsnix_consumer_serving_deleted_generation == 1
+                """
+            ),
+            # The for of its VM counterpart, as for the other consumer alerts.
+            "15m",
+            "{{ $labels.kind | title }} {{ $labels.consumer }} reads secrets the host has rotated",
+            f"""{Consumer} bind-mounts generation {HELD} of {{{{ $labels.mountpoint }}}}, and what its
+            mount holds differs from the current generation ({CURRENT}): it reads values the host has rotated
+            (or misses added ones, or still has removed ones). {RESTART_CONSUMER} so that it mounts the current
+            generation.""",
+        ),
+    ]
+
+
+def fingerprint_alerts() -> list[dict]:
+    run = "the sops-nix-exporter fingerprint run on {{ $labels.instance }}"
+    return [
+        alert(
+            "SopsNixFingerprintRunFailing", "warning",
+            "sopsnix_fingerprint_run_errors > 0",
+            # The run starts at each switch (a path unit on the symlinks), so an error stays until the next
+            # one: ten minutes only spare a ticket for a run repeated at once.
+            "10m",
+            "The fingerprint run on {{ $labels.instance }} could not fingerprint {{ $value }} generation(s) or store(s)",
+            f"""The last time {run} ran it could not fingerprint {{{{ $value }}}} generation(s) or store(s):
+            for readers of those generations the content is unknown, so the stale-generation alerts stand in
+            for the outdated-secrets ones. journalctl -u sops-nix-exporter-fingerprint names the store and the
+            generation; fix the cause and start sops-nix-exporter-fingerprint.service again.""",
+        ),
+        alert(
+            "SopsNixFingerprintsBehind", "warning",
+            # The symlink was re-pointed after the last run finished: the current generation has no
+            # fingerprint. Absent where fingerprints are not enabled (no run, no timestamp).
+            "sopsnix_last_switch_timestamp_seconds > ignoring (mountpoint) group_left ()"
+            " sopsnix_fingerprint_last_run_timestamp_seconds",
+            # The run follows a switch within seconds; half an hour is a run that did not happen.
+            "30m",
+            "Secrets store {{ $labels.mountpoint }} switched after the last fingerprint run on {{ $labels.instance }}",
+            f"""Store {{{{ $labels.mountpoint }}}} on {{{{ $labels.instance }}}} linked a new generation
+            ({CURRENT}) after {run} last finished, half an hour ago or more: the current generation has no
+            fingerprint, so no VM or consumer of it is judged by content and the stale-generation alerts stand
+            in for the outdated-secrets ones. Check sops-nix-exporter-fingerprint.path and its service
+            (systemctl status, journalctl -u sops-nix-exporter-fingerprint) and start the service.""",
         ),
     ]
 
@@ -346,6 +419,7 @@ def rules(job: str = DEFAULT_JOB, runbook_base: str = DEFAULT_RUNBOOK_BASE, for_
         {"name": "sops-nix.stores", "rules": recording_rules() + store_alerts()},
         {"name": "sops-nix.vms", "rules": vm_alerts()},
         {"name": "sops-nix.consumers", "rules": consumer_alerts()},
+        {"name": "sops-nix.fingerprints", "rules": fingerprint_alerts()},
         {"name": "sops-nix.exporter", "rules": exporter_alerts(job)},
     ]
     for group in groups:
