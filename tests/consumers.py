@@ -8,6 +8,7 @@ import os
 import selectors
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,27 @@ def consumers(require_root, scratch):
     yield start
     for consumer in reversed(started):
         consumer.stop()
+
+
+# A process that holds an O_PATH descriptor of a directory (what an unsandboxed reader keeps), until stdin closes.
+HOLD_DESCRIPTOR = "import os, sys; os.open(sys.argv[1], os.O_PATH); print('held', flush=True); sys.stdin.read()"
+
+
+@pytest.fixture
+def descriptor_holders(require_root):
+    """hold(path) starts a process holding an O_PATH descriptor of path; each is ended by its PID afterwards."""
+    started = []
+
+    def hold(path) -> subprocess.Popen:
+        process = subprocess.Popen([sys.executable, "-c", HOLD_DESCRIPTOR, str(path)], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE)  # fmt: skip
+        assert process.stdout.readline() == b"held\n"
+        started.append(process)
+        return process
+
+    yield hold
+    for process in started:
+        process.kill()
+        process.wait()
+        process.stdin.close()
+        process.stdout.close()

@@ -10,42 +10,21 @@ import subprocess
 import sys
 import threading
 
-import pytest
 import yaml
 from prometheus_client import generate_latest
 
 from sops_nix_exporter import app, prune
 from sops_nix_exporter.config import parse_config
 
-from consumers import consumers  # noqa: F401 (a fixture)
+from consumers import consumers, descriptor_holders  # noqa: F401 (fixtures)
 from scrape import samples, value
 from sopsnix import SAMPLE_SECRETS, du_figures
 
-HOLD_DESCRIPTOR = "import os, sys; os.open(sys.argv[1], os.O_PATH); print('held', flush=True); sys.stdin.read()"
 
 
 def config_for(store, scratch) -> dict:
     return {"stores": [{"mountpoint": str(store.mountpoint), "symlink": str(store.symlink), "keep_generations": 0}],
             "microvm": {"state_dir": str(scratch / "microvms")}}  # fmt: skip
-
-
-@pytest.fixture
-def descriptor_holders(require_root):
-    started = []
-
-    def hold(path) -> subprocess.Popen:
-        process = subprocess.Popen([sys.executable, "-c", HOLD_DESCRIPTOR, str(path)], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE)  # fmt: skip
-        assert process.stdout.readline() == b"held\n"
-        started.append(process)
-        return process
-
-    yield hold
-    for process in started:
-        process.kill()
-        process.wait()
-        process.stdin.close()
-        process.stdout.close()
 
 
 def run_prune(config: dict, scratch, *flags: str) -> subprocess.CompletedProcess:

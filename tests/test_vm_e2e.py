@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from consumers import consumers, descriptor_holders  # noqa: F401 (fixtures)
 from scrape import value
 from sopsnix import SopsStore, du_figures
 from vm.guest import (
@@ -328,3 +329,49 @@ def test_outdated_secrets_only_when_the_values_differ(make_store, microvm, serve
                         up=1, serving=1, stale=1, deleted=0, behind=2)  # fmt: skip
     assert content(text) == {"outdated": 1, "files": 1}
     assert value(text, "sopsnix_current_generation_changed_files", mountpoint=str(store.mountpoint)) == 1
+
+
+def test_prune_frees_what_nobody_reads_while_the_guest_keeps_its_secrets(make_store, microvm, consumers,
+                                                                          descriptor_holders, scratch, tmp_path):  # noqa: F811
+    """Issue 16 on a real guest: the Rust virtiofsd serving generation 2, a mount namespace holding 3, a process
+    with an O_PATH descriptor in 4, switches up to 8 under keepGenerations = 0: `prune --apply` removes exactly
+    1, 5, 6 and 7, keeps 2, 3, 4 and 8, the guest and the namespace still read their secrets, and the store's
+    bytes fall by exactly what it reported."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    store = make_store("ramfs")
+    state_dir = scratch / "microvms"
+    for number in (1, 2):
+        store.write_generation(number, secrets_of(number))
+        store.link(number)
+    share = microvm(store.symlink, state_dir, "rust", "namespace", True)
+    tick = start(share)
+    assert tick.files == secrets_of(2), tick.text
+    store.write_generation(3, secrets_of(3))
+    store.link(3)
+    namespace = consumers(store.symlink, "container@db.service")
+    store.write_generation(4, secrets_of(4))
+    store.link(4)
+    descriptor_holders(store.generation_path(4))
+    for number in range(5, 9):
+        store.write_generation(number, secrets_of(number))
+        store.link(number)
+    assert store.generations() == list(range(1, 9))
+    config = {**exporter_config(store, 0, state_dir)}
+    path = scratch / "prune.yml"
+    path.write_text(yaml.safe_dump(config))
+    before = du_figures(store.mountpoint)[1]
+    result = subprocess.run([sys.executable, "-m", "sops_nix_exporter", "prune", f"--config.file={path}", "--apply",
+                             "--min-age=0", f"--lock-file={scratch / 'prune.lock'}"],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert store.generations() == [2, 3, 4, 8], result.stdout
+    freed = sum(int(line.split("(")[1].split()[0]) for line in result.stdout.splitlines()
+                if line.startswith("  removed "))  # fmt: skip
+    assert before - du_figures(store.mountpoint)[1] == freed
+    tick = share.next_tick()
+    assert tick.files == secrets_of(2), f"the guest still reads its generation:\n{tick.text}"
+    assert "db-password" in namespace.listing()
