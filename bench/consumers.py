@@ -39,7 +39,7 @@ from run import Timing, comm_loop, interleaved, machine, ms  # noqa: E402
 
 from sops_nix_exporter.collector.stores import scan_stores  # noqa: E402
 from sops_nix_exporter.config import Config, MicrovmConfig, StoreConfig  # noqa: E402
-from sops_nix_exporter.readers import mounts, virtiofsd  # noqa: E402
+from sops_nix_exporter.readers import holders, mounts, virtiofsd  # noqa: E402
 from sops_nix_exporter.readers import proc as procfs  # noqa: E402
 
 TARGET = 3.0  # within 3x the comm loop
@@ -87,6 +87,9 @@ class Namespace:
 def scrape_part(stores) -> tuple[mounts.ConsumersScan, list]:
     """What scan_shares reads of processes per scrape: one pass over /proc for both readers."""
     listing = procfs.processes("/proc")
+    older = [s for s in stores if s.current is not None and s.generations[0].number < s.current.number]
+    if older:  # working directories and roots, where a generation below the current one could be freed
+        holders.holders(older, "/proc", listing=listing)
     return mounts.scan_consumers(stores, "/proc", listing), virtiofsd.find("/proc", listing)
 
 
@@ -168,6 +171,13 @@ def main() -> None:
               f"{args.holding} holding generation 1")  # fmt: skip
         for index in range(args.namespaces):
             namespaces.append(Namespace(symlink, base / f"target-{index}", index < args.holding, args.per_namespace))
+        # An activation after they mounted it: generation 1 is now an older one, as readers' generations are,
+        # so the scrape also reads every process's working directory and root (readers/holders.py).
+        (store / "2").mkdir(mode=0o755)
+        for name in ("db-password", "api-token", "tls-key"):
+            (store / "2" / name).write_text("rotated\n")
+        (base / "secrets.tmp").symlink_to(store / "2")
+        os.rename(base / "secrets.tmp", symlink)
         print("machine: " + "; ".join(f"{k}: {v}" for k, v in machine().items()))
 
         root_result = measure(str(store), str(symlink), str(base / "microvms"), args.repeat)

@@ -326,7 +326,9 @@ def scan_shares(stores: list[StoreScan], state_dir: str, proc: str = "/proc",
         group = by_store[share.mountpoint]
         share.verdict = judge(share, group.store)
         group.shares.append(share)
-    held = holders.holders(stores, proc, listing=listing)
+    # Working directories and roots matter only where a generation below the current one could be freed.
+    older = [s for s in stores if s.current is not None and s.generations[0].number < s.current.number]
+    held = holders.holders(older, proc, listing=listing) if older else {}
     found = mounts.scan_consumers(stores, proc, listing)
     result.namespaces, result.unreadable_namespaces = found.namespaces, found.unreadable
     for consumer in found.consumers:
