@@ -7,10 +7,11 @@ Two dashboards share one set of variables (datasource, job, instance, vm):
 
 - sops-nix / host: what one host's secrets stores hold, how fast they grow against their budget,
   which VM serves which generation and what the next switch breaks, which containers, services and
-  processes bind-mount which generation, the alerts firing there, and the exporter's own health. The page an operator opens when a VM lost its secrets.
+  processes bind-mount which generation, which of them read outdated secrets and what each activation
+  changed (content fingerprints), the alerts firing there, and the exporter's own health. The page an operator opens when a VM lost its secrets.
 - sops-nix / fleet: every host at a glance, ranked by secrets memory, budget used and growth, with
   counts of stale, deleted and down VM shares, of shares that expose a whole store or are writable, and
-  of stale and deleted consumers;
+  of stale and deleted consumers, of VM shares and consumers with outdated secrets;
   built from aggregations and topk so hundreds of hosts behind one Prometheus (or Thanos, Mimir) read in
   seconds.
 
@@ -145,6 +146,7 @@ OK_FAILING = value_texts((0, "failing", "red"), (1, "ok", "green"))
 SHARE_STATE_TEXTS = value_texts(*SHARE_STATES)
 STALE_TEXTS = value_texts((0, "current", "green"), (1, "stale", "yellow"))
 DELETED_TEXTS = value_texts((0, "no", "green"), (1, "deleted", "dark-red"))
+OUTDATED_TEXTS = value_texts((0, "same", "green"), (1, "outdated", "orange"))
 
 LEGEND_TABLE = (
     common_builders.VizLegendOptions()
@@ -548,7 +550,10 @@ def host_dashboard() -> models.Dashboard:
         "directory; restart the VM. Exposes store: whole store if the share's source is the store's mount "
         "point or a directory above it, handing the guest every generation and sops-nix's key: share the "
         "symlink instead and rotate. Writable: the virtiofsd lacks --readonly (empty while nothing serves "
-        "the share): set microvm.shares.*.readOnly = true.",
+        "the share): set microvm.shares.*.readOnly = true. Secrets and Outdated files (from the content "
+        "fingerprints, empty without them): outdated if a file of the subtree the share serves differs from "
+        "the current generation, so the guest reads rotated values: restart the VM; same if a stale share "
+        "reads exactly the host's secrets.",
         "none",
         thresholds((None, "green")),
         SHARE_KEY,
@@ -581,6 +586,19 @@ def host_dashboard() -> models.Dashboard:
                 prop("mappings", WRITABLE_TEXTS),
                 prop("thresholds", steps_value((None, "green"), (1, "orange"))),
             ),
+            (
+                "Secrets",
+                vm("sopsnix_vm_serving_outdated_secrets"),
+                COLOUR_BACKGROUND,
+                prop("mappings", OUTDATED_TEXTS),
+                prop("thresholds", steps_value((None, "green"), (1, "orange"))),
+            ),
+            (
+                "Outdated files",
+                vm("sopsnix_vm_outdated_secret_files"),
+                COLOUR_TEXT,
+                prop("thresholds", steps_value((None, "green"), (1, "orange"))),
+            ),
         ],
     ).span(16)
     shares.sort_by([common_builders.TableSortByFieldState().display_name("State").desc(True)])
@@ -610,7 +628,9 @@ def host_dashboard() -> models.Dashboard:
         "systemd-nspawn@NAME.service, docker-ID.scope, libpod-ID.scope, UNIT.service), else its command "
         "name. stale: it reads the secrets of before the last rotation. deleted: the generation was pruned "
         "and it sees an empty directory: restart it (nixos-container restart NAME, systemctl restart UNIT, "
-        "docker or podman restart ID).",
+        "docker or podman restart ID). Secrets (from the content fingerprints, empty without them): outdated "
+        "if what its mount holds differs from the current generation, same if a stale mount reads exactly the "
+        "host's secrets.",
         "none",
         thresholds((None, "green")),
         CONSUMER_KEY,
@@ -630,11 +650,65 @@ def host_dashboard() -> models.Dashboard:
                 prop("mappings", DELETED_TEXTS),
                 prop("thresholds", steps_value((None, "green"), (1, "dark-red"))),
             ),
+            (
+                "Secrets",
+                s("sopsnix_consumer_serving_outdated_secrets"),
+                COLOUR_BACKGROUND,
+                prop("mappings", OUTDATED_TEXTS),
+                prop("thresholds", steps_value((None, "green"), (1, "orange"))),
+            ),
         ],
     ).span(24)
     consumers.sort_by([common_builders.TableSortByFieldState().display_name("Deleted").desc(True)])
 
     add(builder, ids, dashboard_builders.Row("Consumers"), consumers)
+
+    add(
+        builder,
+        ids,
+        dashboard_builders.Row("Content fingerprints"),
+        timeseries_panel(
+            "Files changed by each activation",
+            "Files that differ between the current generation and the one it replaced, from the content "
+            "fingerprints: 0 means the last activation wrote a new generation with the same secrets, so readers "
+            "of the older one read the host's values. Empty while either fingerprint is missing.",
+            "none",
+            thresholds((None, "green")),
+            target(s("sopsnix_current_generation_changed_files"), "A", STORE_LEGEND),
+            bars=True,
+        ).span(12),
+        stat_panel(
+            "Fingerprinted generations",
+            "Generations of each store that have a content fingerprint. Empty where fingerprints are not "
+            "enabled (no fingerprint directory): then only generation numbers judge the VMs and consumers.",
+            "none",
+            thresholds((None, "green")),
+            target(s("sopsnix_fingerprinted_generations"), legend=STORE_LEGEND, instant=True),
+        )
+        .span(4)
+        .height(8),
+        stat_panel(
+            "Fingerprint run errors",
+            "Generations or stores the last sops-nix-exporter fingerprint run could not fingerprint; "
+            "journalctl -u sops-nix-exporter-fingerprint names them. Their readers are judged by number only.",
+            "none",
+            thresholds((None, "green"), (1, "orange")),
+            target(s("sopsnix_fingerprint_run_errors"), legend="{{instance}}", instant=True),
+        )
+        .span(4)
+        .height(8),
+        stat_panel(
+            "Since last fingerprint run",
+            "Time since the last fingerprint run finished. It runs at each switch, so a long time is normal; "
+            "compare with Since last switch: a switch after the run means the current generation has none.",
+            "s",
+            thresholds((None, "green")),
+            target(f'time() - {s("sopsnix_fingerprint_last_run_timestamp_seconds")}', legend="{{instance}}",
+                   instant=True),
+        )
+        .span(4)
+        .height(8),
+    )
 
     alerts = (
         table.Panel()
@@ -886,6 +960,28 @@ def fleet_dashboard() -> models.Dashboard:
                 count_or_zero(f'sum({s("sopsnix_consumer_serving_stale_generation")})'), legend="stale", instant=True
             ),
         ).span(6),
+        stat_panel(
+            "Outdated VM shares",
+            "VM shares whose content fingerprints say a file they serve differs from the current generation: "
+            "those guests read rotated values until the VM restarts. Shares without fingerprints are not counted.",
+            "none",
+            thresholds((None, "green"), (1, "orange")),
+            target(
+                count_or_zero(f'sum({vm("sopsnix_vm_serving_outdated_secrets")})'), legend="outdated", instant=True
+            ),
+        ).span(12),
+        stat_panel(
+            "Outdated consumers",
+            "Containers, services and processes whose mount differs from the current generation by its "
+            "fingerprints: they read rotated values until restarted.",
+            "none",
+            thresholds((None, "green"), (1, "orange")),
+            target(
+                count_or_zero(f'sum({s("sopsnix_consumer_serving_outdated_secrets")})'),
+                legend="outdated",
+                instant=True,
+            ),
+        ).span(12),
     )
 
     hosts = merged_table(

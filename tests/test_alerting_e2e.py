@@ -21,8 +21,9 @@ import requests
 import yaml
 
 from consumers import consumers  # noqa: F401 (a fixture)
+from fingerprinting import fingerprint, with_fingerprints
 from promstack import Alertmanager, Prometheus, WebhookReceiver
-from sopsnix import SAMPLE_SECRETS
+from sopsnix import SAMPLE_SECRETS, Secrets
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "alerts" / "alertmanager.example.yml"
@@ -328,3 +329,103 @@ def test_consumer_of_a_deleted_generation_pages_and_resolves_after_restart(make_
         ticketed = {a["labels"]["alertname"] for a in hook.alerts("ticket")}
         assert "SopsNixConsumerServingStaleGeneration" not in ticketed, hook.alerts("ticket")
         assert not hook.payloads("drop")
+
+
+def test_content_fingerprints_decide_which_reader_is_outdated(make_store, shares, consumers, scratch, serve):  # noqa: F811
+    """Issue 15: with fingerprints in place and keepGenerations = 0, an activation that changes no secret raises
+    nothing for any VM or consumer, however stale their numbers; one that changes a secret a VM serves tickets
+    SopsNixVMServingOutdatedSecrets for that VM alone, and a VM that serves only another subtree stays quiet.
+
+    Real Rust virtiofsd shares (read-only; one of the whole symlink, one of SYMLINK/app), a NixOS container
+    bind-mounting the symlink, the real `fingerprint` command after each switch as its unit runs it."""
+    secrets = Secrets()
+    values = {"db-password": secrets.content(40), "app/api-token": secrets.content(40),
+              "other/key": secrets.content(40)}  # fmt: skip
+    store = make_store("ramfs")
+    state_dir = scratch / "microvms"
+    mountpoint = str(store.mountpoint)
+    config = with_fingerprints(
+        {
+            "stores": [{"mountpoint": mountpoint, "symlink": str(store.symlink), "keep_generations": 0}],
+            "microvm": {"state_dir": str(state_dir)},
+        },
+        scratch,
+    )
+    store.switch(values, keep_generations=0)  # generation 1
+    shares(source=store.symlink, vm="web", state_dir=state_dir, readonly=True, real=True)  # all of it
+    shares(source=f"{store.symlink}/app", vm="api", state_dir=state_dir, readonly=True, real=True)  # app/ only
+    consumers(store.symlink, "container@web.service")
+    fingerprint(config, scratch)
+    store.switch(values, keep_generations=0)  # generation 2: the same values
+    fingerprint(config, scratch)
+
+    exporter = serve(config)
+    instance = exporter.url.removeprefix("http://")
+    # 1/360: the stale hour is 10s, the outdated quarter of an hour 2.5s; waiting 12s outlasts every `for`
+    # a VM or consumer alert has, so silence then is silence for good.
+    scale = 1 / 360
+    outlast = 12
+    rules = scratch / "sops-nix.rules.yml"
+    rules.write_text(build.render(for_scale=scale))
+    readers = {"vm", "consumer"}
+
+    with WebhookReceiver() as hook:
+        config_path = alertmanager_test_copy(scratch, hook)
+        with Alertmanager.start(scratch, config_path) as alertmanager, Prometheus.start(
+            scratch, [instance], alertmanager_url=alertmanager.url
+        ) as prometheus:
+            # Every reader is stale by number, and known to read the same secrets.
+            prometheus.wait_for("sopsnix_vm_serving_stale_generation == 1", lambda r: len(r) == 2)
+            prometheus.wait_for("sopsnix_consumer_serving_stale_generation == 1", lambda r: len(r) == 1)
+            prometheus.wait_for("sopsnix_vm_serving_outdated_secrets == 0", lambda r: len(r) == 2)
+            prometheus.wait_for("sopsnix_consumer_serving_outdated_secrets == 0", lambda r: len(r) == 1)
+            prometheus.wait_for(f'sopsnix_current_generation_changed_files{{mountpoint="{mountpoint}"}} == 0')
+            prometheus.load_rules([rules])
+
+            time.sleep(outlast)
+            assert prometheus.alerts() == [], prometheus.alerts()
+            assert not hook.alerts(), hook.alerts()
+
+            # A secret outside app/ rotated: web reads it (and the container, which mounts all of it); api does not.
+            store.switch({**values, "other/key": secrets.content(40)}, keep_generations=0)  # generation 3
+            fingerprint(config, scratch)
+
+            ticket = hook.wait_for(named("SopsNixVMServingOutdatedSecrets"), name="ticket", timeout=60)
+            assert ticket["status"] == "firing"
+            assert ticket["labels"] == {
+                "alertname": "SopsNixVMServingOutdatedSecrets",
+                "severity": "warning",
+                "instance": instance,
+                "job": "sops-nix",
+                "vm": "web",
+                "share": "secrets",
+                "mountpoint": mountpoint,
+            }
+            description = ticket["annotations"]["description"]
+            assert description.startswith(
+                f"Share secrets of VM web on {instance} serves generation 1 of {mountpoint}, and 1 file(s) of what "
+                "it serves differ from the current generation (3): "
+            ), description
+            assert "Restart microvm@web " in description, description
+            assert ticket["annotations"]["runbook_url"] == f"{build.DEFAULT_RUNBOOK_BASE}#sopsnixvmservingoutdatedsecrets"
+            (payload,) = [p for p in hook.payloads("ticket") if ticket in p["alerts"]]
+            assert payload["groupLabels"] == {"instance": instance, "vm": "web"}
+
+            container = hook.wait_for(named("SopsNixConsumerServingOutdatedSecrets"), name="ticket", timeout=60)
+            assert container["labels"]["consumer"] == "container@web.service", container
+            assert "nixos-container restart web " in container["annotations"]["description"], container
+
+            # Past every `for` again: api (stale, same app/) raised nothing, nor did any stale alert.
+            time.sleep(outlast)
+            firing = {(a["labels"]["alertname"], a["labels"].get("vm") or a["labels"].get("consumer"))
+                      for a in prometheus.alerts()}  # fmt: skip
+            assert firing == {("SopsNixVMServingOutdatedSecrets", "web"),
+                              ("SopsNixConsumerServingOutdatedSecrets", "container@web.service")}, firing  # fmt: skip
+
+    ticketed = {(a["labels"]["alertname"], a["labels"].get("vm") or a["labels"].get("consumer"))
+                for a in hook.alerts("ticket")}  # fmt: skip
+    assert ticketed == {("SopsNixVMServingOutdatedSecrets", "web"),
+                        ("SopsNixConsumerServingOutdatedSecrets", "container@web.service")}, ticketed  # fmt: skip
+    assert not hook.payloads("page"), hook.alerts("page")
+    assert not hook.payloads("drop")
+    assert all(readers & set(a["labels"]) for a in hook.alerts()), hook.alerts()

@@ -266,12 +266,16 @@ RULES = ROOT / "alerts" / "sops-nix.rules.yml"
 
 # The state number each VM share of the scenario must get in the share table (SHARE_STATES).
 EXPECTED_SHARE_STATES = {"current-vm": 2, "stale-vm": 1, "down-vm": 3, "deleted-vm": 4}
-# (consumer, kind) -> (serving generation, stale, deleted) in the consumers table.
+# (consumer, kind) -> (serving generation, stale, deleted, outdated secrets) in the consumers table. The
+# container's deleted generation had the values of the current one: deleted, but not outdated.
 EXPECTED_CONSUMERS = {
-    ("container@web.service", "container"): (1, 1, 1),
-    ("backup.service", "service"): (1, 1, 0),
-    ("app.service", "service"): (2, 0, 0),
+    ("container@web.service", "container"): (1, 1, 1, 0),
+    ("backup.service", "service"): (1, 1, 0, 1),
+    ("app.service", "service"): (2, 0, 0, 0),
 }
+# The share table's Secrets column, from the fingerprints: stale-vm misses the rotated db-password; the pruned
+# store's switch rewrote the same values, so deleted-vm's generation had the current secrets.
+EXPECTED_OUTDATED_SHARES = {"current-vm": 0, "stale-vm": 1, "deleted-vm": 0}
 
 
 def rules_firing_at_once(directory: Path) -> Path:
@@ -311,6 +315,7 @@ def run(prometheus, query: dict, expr: str) -> list[dict]:
 
 @pytest.mark.slow
 def test_every_panel_query_returns_data_from_the_real_exporter(make_store, pinners, consumers, scratch, serve):  # noqa: F811
+    from fingerprinting import fingerprint, with_fingerprints
     from pinning import declare_share
     from promstack import Prometheus
     from sopsnix import SAMPLE_SECRETS
@@ -327,29 +332,36 @@ def test_every_panel_query_returns_data_from_the_real_exporter(make_store, pinne
     # that stays on the first generation of the store that keeps them all.
     consumers(pruned.symlink, "container@web.service")
     consumers(growing.symlink, "backup.service")
-    exporter = serve(
+    # Content fingerprints, as the fingerprint unit writes them after each switch.
+    config = with_fingerprints(
         {
             "stores": [
                 {"mountpoint": str(growing.mountpoint), "symlink": str(growing.symlink), "keep_generations": 0},
                 {"mountpoint": str(pruned.mountpoint), "symlink": str(pruned.symlink), "keep_generations": 1},
             ],
             "microvm": {"state_dir": str(state_dir)},
-        }
+        },
+        scratch,
     )
+    fingerprint(config, scratch)
+    exporter = serve(config)
     instance = exporter.url.removeprefix("http://")
     with Prometheus.start(scratch, [instance], rule_files=[rules_firing_at_once(scratch)]) as prometheus:
         prometheus.wait_for("sopsnix_current_generation", lambda r: len(r) == 2, timeout=30)
         # Switches Prometheus sees happen: memory grows, generations change, VM shares fall behind.
         for _ in range(2):
             growing.switch({"db-password": os.urandom(4096)}, keep_generations=0)
+            fingerprint(config, scratch)
             time.sleep(1.5)
         pruned.switch(SAMPLE_SECRETS, keep_generations=1)  # prunes what deleted-vm serves
+        fingerprint(config, scratch)
         pinners(source=pruned.symlink, vm="current-vm", state_dir=state_dir)
         consumers(pruned.symlink, "app.service")  # started after the switch: current
         prometheus.wait_for("changes(sopsnix_current_generation[1d]) > 0", lambda r: len(r) == 2, timeout=30)
         prometheus.wait_for("sopsnix_vm_share_up", lambda r: len(r) == 4, timeout=30)
         prometheus.wait_for("sopsnix_consumer_serving_generation", lambda r: len(r) == 3, timeout=30)
         prometheus.wait_for("sopsnix_consumer_serving_deleted_generation == 1", timeout=30)
+        prometheus.wait_for("sopsnix_vm_serving_outdated_secrets == 1", timeout=30)
         prometheus.wait_for('ALERTS{alertname="SopsNixVMServingDeletedGeneration", alertstate="firing"}', timeout=30)
 
         dashboards = committed()
@@ -394,6 +406,7 @@ def test_every_panel_query_returns_data_from_the_real_exporter(make_store, pinne
 
         assert column("sopsnix_vm_share_exposes_store") == dict.fromkeys(EXPECTED_SHARE_STATES, 0)
         assert column("sopsnix_vm_share_writable") == {"current-vm": 1, "stale-vm": 1, "deleted-vm": 1}
+        assert column("sopsnix_vm_serving_outdated_secrets") == EXPECTED_OUTDATED_SHARES
 
         # The consumers table gives each consumer its generation and its true state.
         (consumers_panel,) = [p for p in panels(dashboards["sops-nix-host.json"]) if p["title"] == "Consumers"]
