@@ -62,6 +62,7 @@
                 boot.isContainer = true;
                 system.stateVersion = "25.05";
                 services.sops-nix-exporter.enable = true;
+                services.sops-nix-exporter.prune.enable = true;
               }
             ];
           };
@@ -79,6 +80,7 @@
 
           unit-matches-docs = unitMatchesDocs "sops-nix-exporter.service";
           fingerprint-unit-matches-docs = unitMatchesDocs "sops-nix-exporter-fingerprint.service";
+          prune-unit-matches-docs = unitMatchesDocs "sops-nix-exporter-prune.service";
 
           nixos = pkgs.testers.runNixOSTest (import ./nix/nixos-test.nix { inherit self sops-nix; });
         }

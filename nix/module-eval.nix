@@ -58,6 +58,7 @@ let
       # What module.nix sets.
       systemd.services = loose { } (types.attrsOf (types.attrsOf types.anything));
       systemd.paths = loose { } (types.attrsOf (types.attrsOf types.anything));
+      systemd.timers = loose { } (types.attrsOf (types.attrsOf types.anything));
       users.users = loose { } (types.attrsOf (types.attrsOf types.anything));
       users.groups = loose { } (types.attrsOf (types.attrsOf types.anything));
       networking.firewall.allowedTCPPorts = loose [ ] (types.listOf types.port);
@@ -133,6 +134,8 @@ else
   {
     inherit service fingerprintService;
     fingerprintPath = config.systemd.paths.sops-nix-exporter-fingerprint or null;
+    pruneService = config.systemd.services.sops-nix-exporter-prune or null;
+    pruneTimer = config.systemd.timers.sops-nix-exporter-prune or null;
     tmpfiles = config.systemd.tmpfiles.settings.sops-nix-exporter or null;
     configFile = if service == null then null else configFile.outPath;
     # Every unit defined on this host, by module.nix, sops-nix and microvm.nix alike.

@@ -67,6 +67,10 @@ let
 
   secretsAfter = map (name: "${name}.service") secretsUnits;
   fingerprintDir = cfg.settings.fingerprint_dir;
+  symlinks = map (store: store.symlink) cfg.settings.stores;
+  # The units of the path unit on the symlinks: the fingerprint oneshot, which pulls in the prune; with
+  # fingerprints off, the prune itself.
+  switchUnit = if cfg.fingerprints.enable then "${unit.fingerprintUnit}.service" else "${unit.pruneUnit}.service";
 
   configFile = format.generate "sops-nix-exporter.yml" (
     configuration.document { inherit (cfg) settings memoryBudget; }
@@ -163,6 +167,21 @@ in
         `sops-nix-exporter-fingerprint.service`, root without network and with only
         CAP_DAC_READ_SEARCH and CAP_CHOWN, run at boot and by a path unit whenever a store's symlink
         changes. Nothing waits for it: a failure fails that oneshot, never an activation.
+      '';
+    };
+
+    prune.enable = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        With the exporter enabled, remove the generations nobody reads (`sops-nix-exporter prune --apply`,
+        docs/deployment.md, "Pruning"): no VM share, no mount namespace, no process's working directory,
+        root or descriptor holds them, and they are neither the current one, a pending one nor the one
+        just replaced. A oneshot `sops-nix-exporter-prune.service`, root without network, writing only in
+        the stores and bounded to CAP_SYS_PTRACE, run after every switch (by the path unit on the stores'
+        symlinks, after the fingerprints) and hourly (a timer). Nothing waits for it: a failure fails that
+        oneshot, never an activation. Requires `sops.keepGenerations = 0`, so that sops-nix itself deletes
+        nothing: the recommended setup for hosts that share secrets with VMs or containers.
       '';
     };
 
@@ -269,17 +288,50 @@ in
       }
     );
 
-    systemd.paths.${unit.fingerprintUnit} = lib.mkIf cfg.fingerprints.enable (
-      unit.fingerprintPath { symlinks = map (store: store.symlink) cfg.settings.stores; }
-    );
-
-    systemd.tmpfiles.settings.sops-nix-exporter = lib.mkIf cfg.fingerprints.enable (
-      let
-        directory = unit.fingerprintDirectory fingerprintDir;
-      in
-      {
-        ${directory.path}.${directory.type} = { inherit (directory) mode user group; };
+    systemd.paths.${unit.fingerprintUnit} = lib.mkIf (cfg.fingerprints.enable || cfg.prune.enable) (
+      unit.fingerprintPath {
+        inherit symlinks;
+        unit = switchUnit;
       }
     );
+
+    systemd.services.${unit.pruneUnit} = lib.mkIf cfg.prune.enable (
+      unit.pruneService {
+        command = unit.pruneCommand {
+          executable = lib.getExe cfg.package;
+          inherit configFile;
+        };
+        mountpoints = map (store: store.mountpoint) cfg.settings.stores;
+        after = secretsAfter;
+        wantedBy = lib.optional cfg.fingerprints.enable "${unit.fingerprintUnit}.service";
+      }
+    );
+
+    systemd.timers.${unit.pruneUnit} = lib.mkIf cfg.prune.enable unit.pruneTimer;
+
+    systemd.tmpfiles.settings.sops-nix-exporter = lib.mkIf (cfg.fingerprints.enable || cfg.prune.enable) (
+      lib.mkMerge (
+      map
+        (directory: {
+          ${directory.path}.${directory.type} = { inherit (directory) mode user group; };
+        })
+        (
+          lib.optional cfg.fingerprints.enable (unit.fingerprintDirectory fingerprintDir)
+          ++ lib.optional cfg.prune.enable unit.pruneLockDirectory
+        )
+      )
+    );
+
+    # sops-nix deletes old generations at every switch when keepGenerations is not 0, whether a VM serves
+    # them or not; the prune then keeps nothing sops-nix has not already taken.
+    assertions = lib.optional (cfg.prune.enable && sopsImported) {
+      assertion = config.sops.keepGenerations == 0;
+      message = ''
+        services.sops-nix-exporter.prune.enable needs sops.keepGenerations = 0 (it is ${toString config.sops.keepGenerations}).
+        With any other value sops-nix itself deletes old generations at every switch, including those VMs
+        and containers still serve, whatever the prune keeps; with 0 sops-nix deletes nothing and the prune
+        removes only the generations nobody reads.
+      '';
+    };
   };
 }

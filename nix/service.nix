@@ -1,5 +1,5 @@
-# The exporter's systemd units as plain Nix values: its service, and the fingerprint oneshot with the path
-# unit that starts it.
+# The exporter's systemd units as plain Nix values: its service, the fingerprint oneshot with the path unit
+# that starts it, and the prune oneshot with its timer.
 #
 # Only builtins are used here, no nixpkgs, so that `nix-instantiate --eval` can check these values
 # where nixpkgs cannot be fetched (tests/test_nix.py does). The NixOS module (module.nix) gives
@@ -141,6 +141,71 @@ let
     SystemCallErrorNumber = "EPERM";
   };
 
+  # The prune (`sops-nix-exporter prune --apply`): root in a oneshot of its own, without network, writing
+  # only in the stores and in the lock file's directory. Root here is uid 0 bounded to one capability:
+  # - CAP_SYS_PTRACE: to read the cwd, root, descriptors and mount table of every other process in /proc
+  #   (virtiofsd, containers, services of other users); the kernel checks ptrace access for each.
+  # Nothing more is needed to list and remove: sops-nix makes every directory of a store root's (root:keys
+  # or root:root, 0751), and unlinking a file, whoever owns it and whatever its mode, needs only write
+  # access to its directory. So no CAP_DAC_READ_SEARCH, CAP_DAC_OVERRIDE or CAP_FOWNER (tests/test_nix.py
+  # runs the real command with exactly this set).
+  pruneCapabilities = [ "CAP_SYS_PTRACE" ];
+
+  pruneUnit = "sops-nix-exporter-prune";
+
+  # The directory of the prune's default lock file (exporter/prune.py, DEFAULT_LOCK_FILE), kept so that a
+  # prune run by hand and the unit's exclude each other. Made by systemd-tmpfiles: the unit cannot make it
+  # under ProtectSystem=strict, and ReadWritePaths= needs it to exist.
+  pruneLockDirectory = {
+    path = "/run/sops-nix-exporter";
+    type = "d";
+    mode = "0755";
+    user = "root";
+    group = "root";
+  };
+
+  # How often the timer runs the prune, besides after every switch: a VM that stops releases its
+  # generation without any symlink changing.
+  pruneSchedule = "hourly";
+
+  pruneServiceConfig = mountpoints: {
+    Type = "oneshot";
+    # Everything read-only but the stores and the lock's directory. "-": a store not mounted on this host
+    # (no secret neededForUsers) is skipped rather than failing the unit.
+    ReadWritePaths = map (mountpoint: "-${mountpoint}") mountpoints ++ [ pruneLockDirectory.path ];
+    PrivateNetwork = true;
+    CapabilityBoundingSet = builtins.concatStringsSep " " pruneCapabilities;
+    NoNewPrivileges = true;
+    ProtectSystem = "strict";
+    PrivateMounts = true;
+    ProtectHome = true;
+    PrivateTmp = true;
+    PrivateDevices = true;
+    DevicePolicy = "closed";
+    PrivateIPC = true;
+    UMask = "0077";
+    # ProtectProc= stays at its default: a process the prune cannot see is a reader it would miss.
+    ProtectKernelTunables = true;
+    ProtectKernelModules = true;
+    ProtectKernelLogs = true;
+    ProtectControlGroups = true;
+    ProtectClock = true;
+    ProtectHostname = true;
+    KeyringMode = "private";
+    RestrictAddressFamilies = "AF_UNIX";
+    RestrictNamespaces = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    LockPersonality = true;
+    MemoryDenyWriteExecute = true;
+    SystemCallArchitectures = "native";
+    SystemCallFilter = [
+      "@system-service"
+      "~@privileged @resources"
+    ];
+    SystemCallErrorNumber = "EPERM";
+  };
+
   # systemd reads ExecStart= words C-style: a JSON string is one quoted word it reads back exactly,
   # once % (specifiers) and $ (environment variables) are doubled.
   escapeExecArg = arg: builtins.replaceStrings [ "%" "$" ] [ "%%" "$$" ] (builtins.toJSON arg);
@@ -158,6 +223,11 @@ in
     fingerprintUnit
     fingerprintDirectory
     fingerprintServiceConfig
+    pruneCapabilities
+    pruneUnit
+    pruneLockDirectory
+    pruneSchedule
+    pruneServiceConfig
     ;
 
   # HOST:PORT for --web.listen-address; an IPv6 host gets its brackets, "" means every address.
@@ -230,15 +300,63 @@ in
       };
     };
 
-  # systemd.paths.sops-nix-exporter-fingerprint: sops-nix replaces a store's symlink at every switch.
+  # systemd.paths.sops-nix-exporter-fingerprint: sops-nix replaces a store's symlink at every switch. It starts
+  # the fingerprint oneshot, which pulls in the prune (pruneService); with fingerprints off, the prune itself.
   fingerprintPath =
-    { symlinks }:
+    {
+      symlinks,
+      unit ? "${fingerprintUnit}.service",
+    }:
     {
       description = "Fingerprint sops-nix secrets generations when a store's symlink changes";
       wantedBy = [ "multi-user.target" ];
       pathConfig = {
         PathChanged = symlinks;
-        Unit = "${fingerprintUnit}.service";
+        Unit = unit;
       };
     };
+
+  # The prune command, first the executable: the exporter's configuration file, so that it prunes exactly
+  # the stores the exporter watches; the default lock file (pruneLockDirectory).
+  pruneCommand =
+    { executable, configFile }:
+    [
+      executable
+      "prune"
+      "--apply"
+      "--config.file=${configFile}"
+    ];
+
+  # systemd.services.sops-nix-exporter-prune. `mountpoints`: the stores'; `after`: the units that install the
+  # secrets, as for the exporter; `wantedBy`: the fingerprint oneshot when there is one, so that the path
+  # unit's start after a switch runs both, the prune last. Ordered after the fingerprints, which then still
+  # see the generations they describe. Nothing that an activation waits for wants it or is ordered after
+  # it: a failed prune fails this oneshot only.
+  pruneService =
+    {
+      command,
+      mountpoints,
+      after ? [ ],
+      wantedBy ? [ ],
+    }:
+    {
+      description = "Remove the sops-nix secrets generations nobody reads";
+      inherit wantedBy;
+      after = [ "${fingerprintUnit}.service" ] ++ after;
+      wants = after;
+      serviceConfig = pruneServiceConfig mountpoints // {
+        ExecStart = builtins.concatStringsSep " " (map escapeExecArg command);
+      };
+    };
+
+  # systemd.timers.sops-nix-exporter-prune: the prune starts hourly too, for the generations VMs and
+  # processes released since the last switch.
+  pruneTimer = {
+    description = "Remove the sops-nix secrets generations nobody reads, hourly";
+    wantedBy = [ "timers.target" ];
+    timerConfig = {
+      OnCalendar = pruneSchedule;
+      Unit = "${pruneUnit}.service";
+    };
+  };
 }
