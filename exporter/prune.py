@@ -52,10 +52,11 @@ def survey(config: Config, proc: str, min_age: float) -> list[StoreShares]:
     by_fd = holders.holders(stores, proc, descriptors=True)
     now = time.time()
     for group in result.stores:
-        for (mountpoint, number), names in by_fd.items():
+        for (mountpoint, number), names in by_fd.held.items():
             if mountpoint == group.store.mountpoint:
                 group.held_by_processes.setdefault(number, set()).update(names)
-        group.plan = holders.plan(group.store, group.held(), now, min_age)
+        group.uninspected = by_fd.uninspected
+        group.plan = holders.plan(group.store, group.held(), now, min_age, by_fd.uninspected)
     return result.stores
 
 
@@ -154,6 +155,9 @@ def run(config: Config, apply: bool = False, min_age: float = holders.DEFAULT_MI
                 out.write(f"  remove {number} ({size} bytes)\n")
             for number, why in sorted(plan.kept.items()):
                 out.write(f"  keep {number}: {', '.join(why)}\n")
+            if group.uninspected:
+                outcome.failed.append(f"store {store.mountpoint}: {group.uninspected} process(es) could not be "
+                                      "inspected (needs CAP_SYS_PTRACE): nothing removed")  # fmt: skip
         if not apply:
             return outcome
         for group in groups:

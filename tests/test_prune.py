@@ -166,3 +166,34 @@ def test_switches_racing_prunes_and_scrapes(make_store, scratch):
     assert problems == []
     assert prunes > 0 and scrapes > 0
     assert store.current() in store.generations()
+
+
+def test_a_process_it_cannot_inspect_keeps_everything(make_store, scratch):
+    """Without CAP_SYS_PTRACE another user's working directory cannot be read: the prune removes nothing, says
+    why and exits 1, rather than delete what that process may be using."""
+    store = make_store("ramfs")
+    for _ in range(3):
+        store.switch(SAMPLE_SECRETS, keep_generations=0)
+    os.chmod(store.mountpoint, 0o755)
+    for number in store.generations():
+        os.chmod(store.generation_path(number), 0o755)
+    sleeper = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sleep", "600"],
+                               cwd=store.generation_path(2))  # fmt: skip
+    try:
+        path = scratch / "prune.yml"
+        path.write_text(yaml.safe_dump(config_for(store, scratch)))
+        result = subprocess.run(
+            ["setpriv", "--inh-caps=-all", "--bounding-set=-all", sys.executable, "-m", "sops_nix_exporter", "prune",
+             f"--config.file={path}", f"--lock-file={scratch / 'prune.lock'}", "--apply", "--min-age=0"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert store.generations() == [1, 2, 3], result.stdout
+        assert "could not be inspected (needs CAP_SYS_PTRACE)" in result.stdout
+        # With the capability it sees the holder, and removes only what nobody holds.
+        result = run_prune(config_for(store, scratch), scratch, "--apply", "--min-age=0")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert store.generations() == [2, 3]
+    finally:
+        sleeper.kill()
+        sleeper.wait()

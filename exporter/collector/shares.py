@@ -214,7 +214,8 @@ class SharesCollector(Collector[SharesResult]):
                                                for g in result.stores if g.fingerprinted is not None)  # fmt: skip
         yield CURRENT_CHANGED_FILES.family(((g.store.mountpoint,), float(g.changed_files))
                                            for g in result.stores if g.changed_files is not None)  # fmt: skip
-        planned = [g for g in result.stores if g.plan is not None]
+        # Unknown, not 0, while some process's cwd or root could not be read.
+        planned = [g for g in result.stores if g.plan is not None and not g.uninspected]
         yield RECLAIMABLE_GENERATIONS.family(((g.store.mountpoint,), float(len(g.plan.removable))) for g in planned)
         yield RECLAIMABLE_BYTES.family(((g.store.mountpoint,), float(g.plan.bytes_of(g.store))) for g in planned)
         run = result.fingerprint_run

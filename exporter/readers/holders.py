@@ -29,22 +29,50 @@ def generation_of_path(path: str, real_mountpoint: str) -> int | None:
     return generation_number(path[len(prefix) :].split("/", 1)[0])
 
 
+@dataclass(slots=True)
+class Holders:
+    """(store mount point, generation) -> who holds it; and the processes that could not be inspected (their
+    cwd, root or descriptors are closed to us: another user's, without CAP_SYS_PTRACE). While any could not,
+    what they hold is unknown, and nothing may be called free."""
+
+    held: dict[tuple[str, int], set[str]]
+    uninspected: int = 0
+
+
+def _link(path: str) -> str | None:
+    """readlink, None when the process is gone; PermissionError propagates."""
+    try:
+        return os.readlink(path)
+    except PermissionError:
+        raise
+    except OSError:
+        return None
+
+
 def holders(stores: list[StoreScan], proc: str = "/proc", descriptors: bool = False,
-            listing: list[tuple[int, bytes]] | None = None) -> dict[tuple[str, int], set[str]]:  # fmt: skip
-    """(store mount point, generation) -> who holds it through cwd, root and, with descriptors, open
-    descriptors: the unit of the process's cgroup, else its command name."""
+            listing: list[tuple[int, bytes]] | None = None) -> Holders:  # fmt: skip
+    """Who holds each generation through cwd, root and, with descriptors, open descriptors: the unit of the
+    process's cgroup, else its command name."""
     real = {store.mountpoint: os.path.realpath(store.mountpoint) for store in stores}
-    held: dict[tuple[str, int], set[str]] = {}
+    found = Holders(held={})
+    held = found.held
     own = os.getpid()
     for pid, comm in procfs.processes(proc) if listing is None else listing:
-        if pid == own:
+        # Not ourselves, nor init: PID 1's working directory and root are the system's own, and a container
+        # manager's init may be closed even to root with CAP_SYS_PTRACE (it holds capabilities we lack).
+        if pid in (own, 1):
             continue
-        links = [procfs.readlink(f"{proc}/{pid}/cwd"), procfs.readlink(f"{proc}/{pid}/root")]
-        if descriptors:
-            try:
-                links += [procfs.readlink(f"{proc}/{pid}/fd/{fd}") for fd in os.listdir(f"{proc}/{pid}/fd")]
-            except OSError:
-                pass
+        try:
+            links = [_link(f"{proc}/{pid}/cwd"), _link(f"{proc}/{pid}/root")]
+            if descriptors:
+                try:
+                    names = os.listdir(f"{proc}/{pid}/fd")
+                except FileNotFoundError:
+                    names = []
+                links += [_link(f"{proc}/{pid}/fd/{fd}") for fd in names]
+        except PermissionError:
+            found.uninspected += 1
+            continue
         for link in links:
             if not link or not link.startswith("/"):
                 continue
@@ -52,7 +80,7 @@ def holders(stores: list[StoreScan], proc: str = "/proc", descriptors: bool = Fa
                 number = generation_of_path(link, real[store.mountpoint])
                 if number is not None:
                     held.setdefault((store.mountpoint, number), set()).add(name_of(pid, comm, proc)[0])
-    return held
+    return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,10 +94,12 @@ class Plan:
         return sum(g.usage.bytes for g in store.generations if g.number in self.removable)
 
 
-def plan(store: StoreScan, held: dict[int, set[str]], now: float, min_age: float = DEFAULT_MIN_AGE_SECONDS) -> Plan:
+def plan(store: StoreScan, held: dict[int, set[str]], now: float, min_age: float = DEFAULT_MIN_AGE_SECONDS,
+         uninspected: int = 0) -> Plan:  # fmt: skip
     """Never the current generation, never a pending one (above current: an activation may be writing it), never
     the one that stopped being current less than min_age seconds ago (from the symlink's mtime), never one
-    someone holds. Without a current generation nothing is removable."""
+    someone holds. Without a current generation, or while some process could not be inspected, nothing is
+    removable."""
     kept: dict[int, list[str]] = {}
     removable: list[int] = []
     current = store.current.number if store.current else None
@@ -86,6 +116,8 @@ def plan(store: StoreScan, held: dict[int, set[str]], now: float, min_age: float
             kept[number] = ["pending"]
         elif held.get(number):
             kept[number] = sorted(held[number])
+        elif uninspected:
+            kept[number] = [f"{uninspected} process(es) could not be inspected (needs CAP_SYS_PTRACE)"]
         elif number == just_replaced and recent:
             kept[number] = [f"replaced less than {min_age:g} s ago"]
         else:

@@ -85,6 +85,7 @@ class StoreShares:
     # Generation -> who holds it through a process's working directory or root (readers/holders.py).
     held_by_processes: dict[int, set[str]] = field(default_factory=dict)
     plan: Plan | None = None  # what a prune would remove now, as far as shares, mounts, cwd and root tell
+    uninspected: int = 0  # processes whose cwd and root could not be read: the plan then frees nothing
     fingerprinted: int | None = None  # generations with a fingerprint; None without a fingerprint directory
     changed_files: int | None = None  # files the last activation changed; None when that is unknown
 
@@ -328,7 +329,7 @@ def scan_shares(stores: list[StoreScan], state_dir: str, proc: str = "/proc",
         group.shares.append(share)
     # Working directories and roots matter only where a generation below the current one could be freed.
     older = [s for s in stores if s.current is not None and s.generations[0].number < s.current.number]
-    held = holders.holders(older, proc, listing=listing) if older else {}
+    held = holders.holders(older, proc, listing=listing) if older else holders.Holders(held={})
     found = mounts.scan_consumers(stores, proc, listing)
     result.namespaces, result.unreadable_namespaces = found.namespaces, found.unreadable
     for consumer in found.consumers:
@@ -337,8 +338,9 @@ def scan_shares(stores: list[StoreScan], state_dir: str, proc: str = "/proc",
         group.consumers.append(consumer)
     now = time.time()
     for group in by_store.values():
-        group.held_by_processes = {n: names for (mp, n), names in held.items() if mp == group.store.mountpoint}
-        group.plan = plan(group.store, group.held(), now, min_age)
+        group.held_by_processes = {n: names for (mp, n), names in held.held.items() if mp == group.store.mountpoint}
+        group.uninspected = held.uninspected
+        group.plan = plan(group.store, group.held(), now, min_age, held.uninspected)
     if fingerprints is not None:
         result.fingerprint_run = fingerprints.last_run()
         for group in by_store.values():
