@@ -134,11 +134,14 @@ def test_one_run_at_a_time(make_store, scratch):
     assert result.returncode == 1 and "another prune is running" in result.stderr
 
 
-def test_switches_racing_prunes_and_scrapes(make_store, scratch):
+def test_switches_racing_prunes_and_scrapes(make_store, consumers, scratch):  # noqa: F811
     """Switches at full speed while prunes and scrapes run: no current or pending generation is removed, the
-    current generation is complete whenever it is read, and every scrape succeeds. Bounded by count."""
+    current generation is complete whenever it is read, a reader holding an old generation keeps every file,
+    and every scrape succeeds. Bounded by count, not time."""
     store = make_store("ramfs")
     store.switch(SAMPLE_SECRETS, keep_generations=0)
+    reader = consumers(store.symlink, "app.service")
+    held = sorted(reader.listing())
     config = parse_config(config_for(store, scratch))
     exporter, _ = app.build(config, process_metrics=False)
     stop = threading.Event()
@@ -162,6 +165,8 @@ def test_switches_racing_prunes_and_scrapes(make_store, scratch):
         scrapes += 1
         if not all(run.success for run in snapshot.runs.values()):
             problems.append(f"a scrape failed: {[r.error for r in snapshot.runs.values() if not r.success]}")
+        if sorted(reader.listing()) != held:
+            problems.append("the reader lost a file")
     thread.join()
     assert problems == []
     assert prunes > 0 and scrapes > 0
