@@ -35,6 +35,7 @@ from sops_nix_exporter.config import DEFAULT_FINGERPRINT_DIR, ConfigError, parse
 from sops_nix_exporter.http.server import parse_listen_address
 
 from nixsources import NixSourceMissing, nix_source
+from pinning import make_unit_cgroup, remove_cgroup
 from scrape import samples, value
 from serving import free_port, write_config
 from sopsnix import SAMPLE_SECRETS
@@ -1274,14 +1275,25 @@ def test_documented_unit_runs_the_exporter_under_systemd(require_root, scratch):
         *(f"--bind-ro={path}" for path in sorted(shared) if not path.is_relative_to("/usr")),
         "--boot", "--", "systemd.unit=sopsnix-test.target",
     ]  # fmt: skip
-    with open(console, "w") as out:
-        container = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            container.wait(timeout=240)
-        finally:
-            if container.poll() is None:
-                os.kill(container.pid, signal.SIGKILL)  # the container's processes die with nspawn
-                container.wait()
+    # nspawn --keep-unit makes its payload/ and supervisor/ cgroups inside the cgroup it starts in: a test
+    # cgroup of its own, removed afterwards, not the machine's root.
+    dirs = make_unit_cgroup(f"sopsnix-nspawn-{os.getpid()}.scope")
+    if dirs is not None:
+        command = ["sh", "-c", f'echo $$ > "{dirs[0] / "cgroup.procs"}" && exec "$@"', "sh", *command]
+    try:
+        with open(console, "w") as out:
+            container = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            try:
+                container.wait(timeout=240)
+            finally:
+                if container.poll() is None:
+                    os.kill(container.pid, signal.SIGKILL)  # the container's processes die with nspawn
+                    container.wait()
+    finally:
+        if dirs is not None:
+            for directory in sorted((p for p in dirs[0].rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                remove_cgroup([directory], [])
+            remove_cgroup([dirs[0]], [dirs[1]])
     log = console.read_text(errors="replace")
     if not (results / "result.json").exists():
         if "Reached target" not in log:
