@@ -71,6 +71,22 @@ def label_of(metric: str, labels: tuple[str, ...], label: str) -> str:
     )
 
 
+# What `sops-nix-exporter prune --apply` would remove from the store now. The exporter leaves the series out
+# while some process cannot be inspected, so "unknown" there means unknown, never 0.
+RECLAIMABLE_GENERATIONS = value_of("sopsnix_reclaimable_generations", STORE)
+PRUNE_WOULD_FREE = (
+    '{{ with printf "sopsnix_reclaimable_bytes{instance=%q,mountpoint=%q}" $labels.instance $labels.mountpoint'
+    " | query }}A prune would free {{ . | first | value | humanize1024 }}B now, in "
+    f"{RECLAIMABLE_GENERATIONS} generation(s) nobody reads (sopsnix_reclaimable_bytes)."
+    "{{ else }}What a prune would free is unknown: sopsnix_reclaimable_bytes is absent while the exporter cannot"
+    " inspect every process.{{ end }}"
+)
+ENABLE_PRUNE = (
+    "To remove what nobody reads after every switch, dry-run sops-nix-exporter prune (it prints what it would"
+    " remove and who holds the rest), then set services.sops-nix-exporter.prune.enable = true with"
+    " sops.keepGenerations = 0 (elsewhere, the prune units of docs/deployment.md)."
+)
+
 SOURCE = label_of("sopsnix_vm_share_info", SHARE + ("mountpoint",), "source")
 SYMLINK = label_of("sopsnix_symlink_info", STORE, "symlink")
 
@@ -333,8 +349,8 @@ def store_alerts() -> list[dict]:
             "15m",
             "Secrets store {{ $labels.mountpoint }} uses {{ $value | humanizePercentage }} of its memory budget",
             f"""The generations of {store} hold {USED} in memory, {{{{ $value | humanizePercentage }}}} of its
-            budget of {BUDGET}, in {GENERATIONS} generation(s). Lower keepGenerations, reboot to reclaim the
-            memory, or raise the budget.""",
+            budget of {BUDGET}, in {GENERATIONS} generation(s). {PRUNE_WOULD_FREE} {ENABLE_PRUNE} Otherwise
+            lower keepGenerations, reboot to reclaim the memory, or raise the budget.""",
         ),
         alert(
             "SopsNixSecretsMemoryOverBudget", "critical",
@@ -343,8 +359,8 @@ def store_alerts() -> list[dict]:
             "Secrets store {{ $labels.mountpoint }} is over its memory budget",
             f"""The generations of {store} hold {USED} in memory, {{{{ $value | humanizePercentage }}}} of its
             budget of {BUDGET}, in {GENERATIONS} generation(s). That memory is never swapped out, and comes
-            back only when generations are deleted or at reboot. Lower keepGenerations, reboot to reclaim the
-            memory, or raise the budget.""",
+            back only when generations are deleted or at reboot. {PRUNE_WOULD_FREE} {ENABLE_PRUNE} Otherwise
+            lower keepGenerations, reboot to reclaim the memory, or raise the budget.""",
         ),
         alert(
             "SopsNixSecretsMemoryBudgetExhaustionPredicted", "warning",
@@ -353,8 +369,8 @@ def store_alerts() -> list[dict]:
             "Secrets store {{ $labels.mountpoint }} will reach its memory budget within a week",
             f"""At {SWITCHES} switch(es) per day and {PER_GENERATION} per generation, {store} reaches its
             budget of {BUDGET} in {{{{ printf "%.1f" $value }}}} day(s); it holds {USED} now, and pruning
-            does not keep it below the budget. Set keepGenerations above 0, reboot to reclaim the memory, or
-            raise the budget.""",
+            does not keep it below the budget. {PRUNE_WOULD_FREE} {ENABLE_PRUNE} Otherwise set keepGenerations
+            above 0, reboot to reclaim the memory, or raise the budget.""",
         ),
         alert(
             "SopsNixSymlinkBroken", "critical",
