@@ -538,6 +538,29 @@ def host_dashboard() -> models.Dashboard:
         )
         .span(8)
         .thresholds_style(common_builders.GraphThresholdsStyleConfig().mode(common.GraphThresholdsStyleMode.AREA)),
+        timeseries_panel(
+            "Reclaimable memory",
+            "What `sops-nix-exporter prune --apply` would free now: the memory of the generations below the "
+            "current one that no VM share, mount namespace, working directory or root reads (the prune also "
+            "checks open descriptors, so it may keep one more). With keepGenerations = 0 and no prune it grows "
+            "with every switch; with the prune enabled it falls back to 0. Empty while the exporter cannot "
+            "inspect every process (without CAP_SYS_PTRACE): then it is unknown. Dry-run "
+            "`sops-nix-exporter prune`, then set services.sops-nix-exporter.prune.enable = true with "
+            "sops.keepGenerations = 0 (docs/deployment.md).",
+            "bytes",
+            thresholds((None, "green")),
+            target(s("sopsnix_reclaimable_bytes"), "A", STORE_LEGEND),
+        ).span(12),
+        timeseries_panel(
+            "Reclaimable generations",
+            "Generations a prune would remove now, as far as the exporter sees readers: never the current "
+            "one, a pending one, or the one replaced less than 60 s ago. A generation that stays here across "
+            "switches is one nobody reads but that keepGenerations = 0 keeps; one that a VM or consumer reads "
+            "is not counted. Empty while the exporter cannot inspect every process.",
+            "none",
+            thresholds((None, "green")),
+            target(s("sopsnix_reclaimable_generations"), "A", STORE_LEGEND),
+        ).span(12),
     )
 
     shares = merged_table(
@@ -961,6 +984,16 @@ def fleet_dashboard() -> models.Dashboard:
             ),
         ).span(6),
         stat_panel(
+            "Reclaimable by a prune",
+            "Memory `sops-nix-exporter prune --apply` would free now on the selected hosts: generations nobody "
+            "reads. Hosts whose exporter cannot inspect every process do not count (their figure is unknown). "
+            "Enable the prune (services.sops-nix-exporter.prune.enable with sops.keepGenerations = 0) where "
+            "it stays above 0.",
+            "bytes",
+            thresholds((None, "green"), (1024 * 1024, "yellow")),
+            target(count_or_zero(f'sum({s("sopsnix_reclaimable_bytes")})'), legend="reclaimable", instant=True),
+        ).span(8),
+        stat_panel(
             "Outdated VM shares",
             "VM shares whose content fingerprints say a file they serve differs from the current generation: "
             "those guests read rotated values until the VM restarts. Shares without fingerprints are not counted.",
@@ -969,7 +1002,7 @@ def fleet_dashboard() -> models.Dashboard:
             target(
                 count_or_zero(f'sum({vm("sopsnix_vm_serving_outdated_secrets")})'), legend="outdated", instant=True
             ),
-        ).span(12),
+        ).span(8),
         stat_panel(
             "Outdated consumers",
             "Containers, services and processes whose mount differs from the current generation by its "
@@ -981,15 +1014,15 @@ def fleet_dashboard() -> models.Dashboard:
                 legend="outdated",
                 instant=True,
             ),
-        ).span(12),
+        ).span(8),
     )
 
     hosts = merged_table(
         "Hosts",
         "One row per host: exporter up, secrets memory of all its stores, the highest share of a store's "
-        "budget used, generations held, stale and deleted VM shares, VM shares that expose a whole store "
-        "or are writable, stale and deleted consumers (containers, services, processes), firing sops-nix "
-        "alerts. Sorted by budget used; click an instance to open its host dashboard.",
+        "budget used, generations held, memory a prune would free (empty where unknown), stale and deleted "
+        "VM shares, VM shares that expose a whole store or are writable, stale and deleted consumers "
+        "(containers, services, processes), firing sops-nix alerts. Sorted by budget used; click an instance to open its host dashboard.",
         "none",
         thresholds((None, "green")),
         "job, instance",
@@ -1012,6 +1045,11 @@ def fleet_dashboard() -> models.Dashboard:
                 prop("thresholds", steps_value((None, "green"), (0.8, "yellow"), (1, "red"))),
             ),
             ("Generations", f'sum by (job, instance) ({s("sopsnix_generations")})'),
+            (
+                "Reclaimable",
+                f'sum by (job, instance) ({s("sopsnix_reclaimable_bytes")})',
+                prop("unit", "bytes"),
+            ),
             (
                 "Stale shares",
                 f'sum by (job, instance) ({vm("sopsnix_vm_serving_stale_generation")})',
@@ -1076,7 +1114,7 @@ def fleet_dashboard() -> models.Dashboard:
                 legend="{{instance}}",
                 instant=True,
             ),
-        ).span(8).height(10),
+        ).span(6).height(10),
         bargauge_panel(
             "Most budget used",
             f"The {top} hosts with the fullest store, as a share of that store's memory budget.",
@@ -1084,7 +1122,7 @@ def fleet_dashboard() -> models.Dashboard:
             thresholds((None, "green"), (0.8, "yellow"), (1, "red")),
             target(f"topk({top}, max by (job, instance) ({BUDGET_USED}))", legend="{{instance}}", instant=True),
             max_value=1,
-        ).span(8).height(10),
+        ).span(6).height(10),
         bargauge_panel(
             "Fastest memory growth",
             f"The {top} hosts whose secrets memory grew fastest over the last {RATE_WINDOW}, in bytes per day "
@@ -1096,7 +1134,19 @@ def fleet_dashboard() -> models.Dashboard:
                 legend="{{instance}}",
                 instant=True,
             ),
-        ).span(8).height(10),
+        ).span(6).height(10),
+        bargauge_panel(
+            "Most reclaimable by a prune",
+            f"The {top} hosts where `sops-nix-exporter prune --apply` would free the most memory now "
+            "(generations nobody reads, all stores): enable the prune there first.",
+            "bytes",
+            thresholds((None, "green"), (1024 * 1024, "yellow")),
+            target(
+                f'topk({top}, sum by (job, instance) ({s("sopsnix_reclaimable_bytes")}))',
+                legend="{{instance}}",
+                instant=True,
+            ),
+        ).span(6).height(10),
     )
 
     add(
@@ -1105,11 +1155,13 @@ def fleet_dashboard() -> models.Dashboard:
         dashboard_builders.Row("Over time"),
         timeseries_panel(
             "Secrets memory across the fleet",
-            "Memory held by all generations of all selected hosts, and the sum of their budgets.",
+            "Memory held by all generations of all selected hosts, the sum of their budgets, and what a prune "
+            "would free (hosts whose exporter can inspect every process).",
             "bytes",
             thresholds((None, "green")),
             target(f'sum({s("sopsnix_generations_bytes")})', "A", "all generations"),
             target(f'sum({s("sopsnix_memory_budget_bytes")})', "B", "budget"),
+            target(f'sum({s("sopsnix_reclaimable_bytes")})', "C", "reclaimable by a prune"),
         ).span(12),
         timeseries_panel(
             "VM shares by state",

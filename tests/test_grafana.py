@@ -417,3 +417,14 @@ def test_every_panel_query_returns_data_from_the_real_exporter(make_store, pinne
                 key = (sample["metric"]["consumer"], sample["metric"]["kind"])
                 found.setdefault(key, []).append(int(float(sample["value"][1])))
         assert {key: tuple(values) for key, values in found.items()} == EXPECTED_CONSUMERS
+
+        # What a prune would free is published for both stores (the exporter runs as root and inspects every
+        # process), 0 where nothing is: the growing store's older generations are read or replaced too recently.
+        for title in ("Reclaimable memory", "Reclaimable generations"):
+            (query,) = [
+                q for p in panels(dashboards["sops-nix-host.json"]) if p["title"] == title for q in p["targets"]
+            ]  # fmt: skip
+            result = prometheus.query(substitute(query["expr"], "sops-nix", [instance], None))
+            stores = {str(growing.mountpoint), str(pruned.mountpoint)}
+            assert {s["metric"]["mountpoint"] for s in result} == stores, title
+            assert all(float(s["value"][1]) >= 0 for s in result), title
