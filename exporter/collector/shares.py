@@ -225,6 +225,11 @@ class SharesCollector(Collector[SharesResult]):
         yield CAPABILITY.family(((name,), float(held)) for name, held in sorted(result.capabilities.items()))
 
     def problems(self, result: SharesResult) -> Iterator[Problem]:
+        if result.unreadable_namespaces:
+            yield Problem("mount_tables", f"{result.unreadable_namespaces} process(es) whose mount table could not be "
+                          "read: a container or service among them that mounts a generation is not seen",
+                          "mount /proc without hidepid= for the exporter, or run it as root's group of /proc "
+                          "(ProcSubset= and ProtectProc= left at their defaults)")  # fmt: skip
         if result.fingerprint_run and result.fingerprint_run[1]:
             yield Problem("fingerprint", f"the last fingerprint run could not fingerprint {result.fingerprint_run[1]} "
                           "generation(s) or store(s): whether readers' secrets are outdated is unknown for those",

@@ -78,7 +78,7 @@ def name_of(pid: int, comm: bytes, proc: str) -> tuple[str, str]:
 class ConsumersScan:
     consumers: list[Consumer]
     namespaces: int  # distinct mount namespaces read
-    unreadable: int  # processes whose mount table could not be read (gone, or a hidepid /proc)
+    unreadable: int  # processes whose mount table is closed to us (a hidepid /proc); those that exited are not
 
 
 def _held(mounts: list[mountinfo.Mount], store: StoreScan) -> tuple[int, bool, str] | None:
@@ -123,10 +123,13 @@ def scan_consumers(stores: list[StoreScan], proc: str = "/proc",
             namespace = f"root-mount:{root_id}" if root_id is not None else None
         if namespace is not None and namespace in seen:
             continue
-        text = procfs.mountinfo_text(pid, proc)
-        if text is None:
+        try:
+            text = procfs.mountinfo_text(pid, proc)
+        except PermissionError:
             unreadable += 1
             continue
+        if text is None:
+            continue  # exited meanwhile
         if namespace is not None:
             seen.add(namespace)
         namespaces += 1

@@ -110,9 +110,13 @@ def root_mount_id(pid: int, proc: str) -> str | None:
 
 
 def mountinfo_text(pid: int, proc: str) -> str | None:
+    """The process's mount table; None when it is gone. Raises PermissionError when it is closed to us (a
+    /proc mounted with hidepid=)."""
     try:
         with open(f"{proc}/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
             return f.read()
+    except PermissionError:
+        raise
     except OSError:
         return None
 
