@@ -157,7 +157,8 @@ def run(config: Config, apply: bool = False, min_age: float = holders.DEFAULT_MI
                 out.write(f"  keep {number}: {', '.join(why)}\n")
             if group.uninspected:
                 outcome.failed.append(f"store {store.mountpoint}: {group.uninspected} process(es) could not be "
-                                      "inspected (needs CAP_SYS_PTRACE): nothing removed")  # fmt: skip
+                                      "inspected (needs CAP_SYS_PTRACE, and CAP_DAC_READ_SEARCH for their descriptors): "
+                                      "nothing removed")  # fmt: skip
         if not apply:
             return outcome
         for group in groups:

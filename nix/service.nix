@@ -100,13 +100,11 @@ let
     group = user;
   };
 
-  fingerprintServiceConfig = fingerprintDir: {
+  # What the two root oneshots (fingerprint, prune) share: no network, the system read-only, no devices, no
+  # new privileges, AF_UNIX only, and the exporter's system-call filter; each adds what it needs below.
+  oneshotSandbox = {
     Type = "oneshot";
-    # Everything read-only but the fingerprint directory, which must exist (fingerprintDirectory) for the
-    # unit to start.
-    ReadWritePaths = fingerprintDir;
     PrivateNetwork = true;
-    CapabilityBoundingSet = builtins.concatStringsSep " " fingerprintCapabilities;
     NoNewPrivileges = true;
     ProtectSystem = "strict";
     PrivateMounts = true;
@@ -115,9 +113,6 @@ let
     PrivateDevices = true;
     DevicePolicy = "closed";
     PrivateIPC = true;
-    # The store directories it makes (0750) must stay readable by the directory's group.
-    UMask = "0027";
-    ProtectProc = "invisible";
     ProtectKernelTunables = true;
     ProtectKernelModules = true;
     ProtectKernelLogs = true;
@@ -132,24 +127,39 @@ let
     LockPersonality = true;
     MemoryDenyWriteExecute = true;
     SystemCallArchitectures = "native";
+    SystemCallErrorNumber = "EPERM";
+  };
+
+  fingerprintServiceConfig = fingerprintDir: oneshotSandbox // {
+    # Everything read-only but the fingerprint directory, which must exist (fingerprintDirectory) for the
+    # unit to start.
+    ReadWritePaths = fingerprintDir;
+    CapabilityBoundingSet = builtins.concatStringsSep " " fingerprintCapabilities;
+    # The store directories it makes (0750) must stay readable by the directory's group.
+    UMask = "0027";
+    ProtectProc = "invisible";
     # @privileged holds @chown: fchown is given back, the rest of it stays blocked.
     SystemCallFilter = [
       "@system-service"
       "~@privileged @resources"
       "@chown"
     ];
-    SystemCallErrorNumber = "EPERM";
   };
 
   # The prune (`sops-nix-exporter prune --apply`): root in a oneshot of its own, without network, writing
   # only in the stores and in the lock file's directory. Root here is uid 0 bounded to one capability:
   # - CAP_SYS_PTRACE: to read the cwd, root, descriptors and mount table of every other process in /proc
   #   (virtiofsd, containers, services of other users); the kernel checks ptrace access for each.
+  # - CAP_DAC_READ_SEARCH: to list another user's /proc/PID/fd (owned by that user, mode 0500). Without it a
+  #   process's descriptors cannot be seen, and the prune, failing closed, removes nothing.
   # Nothing more is needed to list and remove: sops-nix makes every directory of a store root's (root:keys
   # or root:root, 0751), and unlinking a file, whoever owns it and whatever its mode, needs only write
-  # access to its directory. So no CAP_DAC_READ_SEARCH, CAP_DAC_OVERRIDE or CAP_FOWNER (tests/test_nix.py
-  # runs the real command with exactly this set).
-  pruneCapabilities = [ "CAP_SYS_PTRACE" ];
+  # access to its directory. So no CAP_DAC_OVERRIDE or CAP_FOWNER (tests/test_nix.py runs the real command
+  # with exactly this set, and with each one of it missing).
+  pruneCapabilities = [
+    "CAP_DAC_READ_SEARCH"
+    "CAP_SYS_PTRACE"
+  ];
 
   pruneUnit = "sops-nix-exporter-prune";
 
@@ -168,42 +178,17 @@ let
   # generation without any symlink changing.
   pruneSchedule = "hourly";
 
-  pruneServiceConfig = mountpoints: {
-    Type = "oneshot";
+  pruneServiceConfig = mountpoints: oneshotSandbox // {
     # Everything read-only but the stores and the lock's directory. "-": a store not mounted on this host
     # (no secret neededForUsers) is skipped rather than failing the unit.
     ReadWritePaths = map (mountpoint: "-${mountpoint}") mountpoints ++ [ pruneLockDirectory.path ];
-    PrivateNetwork = true;
     CapabilityBoundingSet = builtins.concatStringsSep " " pruneCapabilities;
-    NoNewPrivileges = true;
-    ProtectSystem = "strict";
-    PrivateMounts = true;
-    ProtectHome = true;
-    PrivateTmp = true;
-    PrivateDevices = true;
-    DevicePolicy = "closed";
-    PrivateIPC = true;
     UMask = "0077";
     # ProtectProc= stays at its default: a process the prune cannot see is a reader it would miss.
-    ProtectKernelTunables = true;
-    ProtectKernelModules = true;
-    ProtectKernelLogs = true;
-    ProtectControlGroups = true;
-    ProtectClock = true;
-    ProtectHostname = true;
-    KeyringMode = "private";
-    RestrictAddressFamilies = "AF_UNIX";
-    RestrictNamespaces = true;
-    RestrictRealtime = true;
-    RestrictSUIDSGID = true;
-    LockPersonality = true;
-    MemoryDenyWriteExecute = true;
-    SystemCallArchitectures = "native";
     SystemCallFilter = [
       "@system-service"
       "~@privileged @resources"
     ];
-    SystemCallErrorNumber = "EPERM";
   };
 
   # systemd reads ExecStart= words C-style: a JSON string is one quoted word it reads back exactly,

@@ -53,7 +53,7 @@ THE_CAPABILITIES = {"CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"}
 FINGERPRINT_CAPABILITIES = {"CAP_DAC_READ_SEARCH", "CAP_CHOWN"}
 FINGERPRINT_UNIT = "sops-nix-exporter-fingerprint.service"
 DOCUMENTED_EXECUTABLE = "/opt/sops-nix-exporter/bin/sops-nix-exporter"
-PRUNE_CAPABILITIES = {"CAP_SYS_PTRACE"}
+PRUNE_CAPABILITIES = {"CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"}
 PRUNE_UNIT = "sops-nix-exporter-prune.service"
 DOCUMENTED_STORES = ["/run/secrets.d", "/run/secrets-for-users.d"]
 
@@ -410,8 +410,8 @@ def test_documented_prune_units_pass_systemd_analyze(scratch):
 def test_prune_command_needs_exactly_its_capabilities(require_root, scratch):
     """The real command, as root bounded to the capabilities service.nix names (and no group but root's), on a
     store laid out as sops-nix lays it out (root:keys 0751 directories, another user's files, mode 0400): it
-    removes the free generations and keeps the one another user's process works in. Without CAP_SYS_PTRACE
-    that process is invisible, and the generation it reads goes too."""
+    removes the free generations and keeps the one another user's process works in. Without either capability
+    that process cannot be inspected, and the prune, failing closed, removes nothing."""
     setpriv = require_tool("setpriv", "util-linux")
     executable = Path(sys.executable).parent / "sops-nix-exporter"
     if not executable.exists():
@@ -466,8 +466,10 @@ def test_prune_command_needs_exactly_its_capabilities(require_root, scratch):
 
     for missing in capabilities:
         result, left = run(*(c for c in capabilities if c != missing))
-        # Today the holder goes unseen and its generation is removed; it must at least not pass as seen.
-        assert not (result.returncode == 0 and "keep 2: sleep" in result.stdout), f"{missing} not needed: {left}"
+        # Without either the holder cannot be inspected: the prune removes nothing, says why, and exits 1.
+        assert result.returncode == 1, f"{missing} not needed: {result.stdout}"
+        assert left == ["1", "2", "3", "4"], result.stdout
+        assert "could not be inspected" in result.stdout, result.stdout
 
 
 def test_nix_rendered_command_line_is_read_by_systemd(scratch):

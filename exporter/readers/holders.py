@@ -117,7 +117,8 @@ def plan(store: StoreScan, held: dict[int, set[str]], now: float, min_age: float
         elif held.get(number):
             kept[number] = sorted(held[number])
         elif uninspected:
-            kept[number] = [f"{uninspected} process(es) could not be inspected (needs CAP_SYS_PTRACE)"]
+            kept[number] = [f"{uninspected} process(es) could not be inspected "
+                            "(needs CAP_SYS_PTRACE, and CAP_DAC_READ_SEARCH for their descriptors)"]
         elif number == just_replaced and recent:
             kept[number] = [f"replaced less than {min_age:g} s ago"]
         else:
